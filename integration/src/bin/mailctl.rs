@@ -1,0 +1,538 @@
+//! `mailctl`: runs the platform and administers it.
+
+use std::io::{BufRead as _, IsTerminal as _};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use common::config::ByteSize;
+use common::location::{Directory, Filer, FilerState};
+use integration::config::PlatformSettings;
+use integration::{admin, platform, runfile};
+use serde::Serialize;
+
+#[derive(Parser)]
+#[command(
+    name = "mailctl",
+    version,
+    about = "Run and administer the mail platform"
+)]
+struct Cli {
+    /// Platform configuration (TOML). Without one, the all-in-one defaults: every service on
+    /// loopback, data in ./data.
+    #[arg(long, short, global = true, env = "MAILCTL_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the services the configuration enables, in this process, until SIGINT or SIGTERM.
+    ///
+    /// All-in-one default listeners (loopback): filer1 LMTP 127.0.0.1:2401, IMAP :2143,
+    /// POP3 :2110; filer2 LMTP 127.0.0.1:2402, IMAP :2144, POP3 :2111.
+    Up,
+    /// Show whether the platform runs, its listeners, and the database's contents.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Hosted domains.
+    #[command(subcommand)]
+    Domain(DomainCmd),
+    /// Mailboxes.
+    #[command(subcommand)]
+    User(UserCmd),
+    /// Aliases.
+    #[command(subcommand)]
+    Alias(AliasCmd),
+    /// Storage servers.
+    #[command(subcommand)]
+    Filer(FilerCmd),
+    /// Configuration.
+    #[command(subcommand)]
+    Config(ConfigCmd),
+}
+
+#[derive(Subcommand)]
+enum DomainCmd {
+    /// Host a domain.
+    Add { domain: String },
+    /// List hosted domains.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop hosting a domain (refused while it has mailboxes or aliases).
+    Remove { domain: String },
+}
+
+#[derive(Subcommand)]
+enum UserCmd {
+    /// Create a mailbox. The password is read from a prompt, or from the first line of
+    /// standard input when it is not a terminal; never from the command line.
+    Add {
+        address: String,
+        /// Quota, e.g. "1GiB"; 0 means unlimited.
+        #[arg(long, default_value = "0")]
+        quota: String,
+        /// Place it on this filer instead of choosing by weight.
+        #[arg(long)]
+        filer: Option<String>,
+    },
+    /// Change a mailbox's password (read like `user add`).
+    Passwd { address: String },
+    /// List mailboxes.
+    List {
+        /// Only this domain.
+        #[arg(long)]
+        domain: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a mailbox from the database (its mail stays on the filer).
+    Remove { address: String },
+}
+
+#[derive(Subcommand)]
+enum AliasCmd {
+    /// Send mail for ALIAS to TARGET (an alias may have several targets).
+    Add { alias: String, target: String },
+    /// List aliases.
+    List {
+        #[arg(long)]
+        domain: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove one target of an alias, or all of them.
+    Remove {
+        alias: String,
+        target: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum FilerCmd {
+    /// Add a filer.
+    Add {
+        name: String,
+        #[arg(long)]
+        lmtp: String,
+        #[arg(long)]
+        imap: String,
+        #[arg(long)]
+        pop3: String,
+        #[arg(long, default_value_t = 1)]
+        weight: u32,
+    },
+    /// List filers with their mailbox counts.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set a filer's state: up, draining (no new mailboxes) or down.
+    SetState {
+        name: String,
+        #[arg(value_parser = ["up", "draining", "down"])]
+        state: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Validate the configuration and report every problem with its key.
+    Check,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("mailctl: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("mailctl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let settings = PlatformSettings::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Up => up(settings).await,
+        Command::Status { json } => status(&settings, json).await,
+        Command::Config(ConfigCmd::Check) => {
+            println!("configuration is valid");
+            println!("data directory: {}", settings.shared.data_dir.display());
+            println!("database: {}", settings.shared.database_path.display());
+            for f in &settings.filers {
+                println!("filer {}: mail in {}", f.name, f.mail_root.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Domain(c) => domain(&settings, c).await,
+        Command::User(c) => user(&settings, c).await,
+        Command::Alias(c) => alias(&settings, c).await,
+        Command::Filer(c) => filer(&settings, c).await,
+    }
+}
+
+async fn up(settings: PlatformSettings) -> anyhow::Result<ExitCode> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let data_dir = settings.shared.data_dir.clone();
+    if let Some(info) = runfile::read(&data_dir)? {
+        if runfile::is_alive(info.pid) && info.pid != std::process::id() {
+            bail!(
+                "mailctl up is already running with this data directory (pid {})",
+                info.pid
+            );
+        }
+    }
+    let running = platform::start(settings).await?;
+    for l in &running.listeners {
+        tracing::info!(service = %l.service, protocol = %l.protocol, address = %l.address, "listening");
+    }
+    let info = runfile::RunInfo {
+        pid: std::process::id(),
+        started: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        listeners: running.listeners.clone(),
+    };
+    runfile::write(&data_dir, &info)?;
+    println!("mailctl up: running (pid {}); stop with Ctrl-C", info.pid);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let signalled = stop.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        signalled.cancel();
+    });
+    let result = running.run_until(stop).await;
+    runfile::remove(&data_dir);
+    result.map(|()| ExitCode::SUCCESS)
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers, only Ctrl-C through tokio's default.
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+async fn open(settings: &PlatformSettings) -> anyhow::Result<Arc<dyn Directory>> {
+    let db = platform::open_directory(settings).await?;
+    platform::register_filers(settings, &db).await?;
+    Ok(Arc::new(db))
+}
+
+#[derive(Serialize)]
+struct Status {
+    running: bool,
+    pid: Option<u32>,
+    started: Option<u64>,
+    listeners: Vec<ListenerStatus>,
+    database: String,
+    domains: usize,
+    mailboxes: u64,
+    filers: Vec<common::location::FilerUsage>,
+}
+
+#[derive(Serialize)]
+struct ListenerStatus {
+    service: String,
+    protocol: String,
+    address: String,
+    reachable: bool,
+}
+
+async fn status(settings: &PlatformSettings, json: bool) -> anyhow::Result<ExitCode> {
+    let info = runfile::read(&settings.shared.data_dir)?.filter(|i| runfile::is_alive(i.pid));
+    let mut listeners = Vec::new();
+    for l in info.iter().flat_map(|i| i.listeners.iter()) {
+        let reachable = match l.address.parse::<std::net::SocketAddr>() {
+            Ok(a) => matches!(
+                tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(a))
+                    .await,
+                Ok(Ok(_))
+            ),
+            Err(_) => false,
+        };
+        listeners.push(ListenerStatus {
+            service: l.service.clone(),
+            protocol: l.protocol.clone(),
+            address: l.address.clone(),
+            reachable,
+        });
+    }
+    let db = platform::open_directory(settings).await?;
+    let domains = db.domains().await?;
+    let filers = db.filers().await?;
+    let s = Status {
+        running: info.is_some(),
+        pid: info.as_ref().map(|i| i.pid),
+        started: info.as_ref().map(|i| i.started),
+        listeners,
+        database: settings.shared.database_path.display().to_string(),
+        domains: domains.len(),
+        mailboxes: domains.iter().map(|d| d.mailboxes).sum(),
+        filers,
+    };
+    let healthy = s.running && s.listeners.iter().all(|l| l.reachable);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        match s.pid {
+            Some(pid) => println!("platform: running (pid {pid})"),
+            None => println!("platform: not running"),
+        }
+        for l in &s.listeners {
+            let st = if l.reachable { "ok" } else { "NOT REACHABLE" };
+            println!(
+                "  {:<10} {:<5} {:<22} {st}",
+                l.service, l.protocol, l.address
+            );
+        }
+        println!(
+            "database: {} ({} domain(s), {} mailbox(es))",
+            s.database, s.domains, s.mailboxes
+        );
+        println!(
+            "{:<12} {:<9} {:>6} {:>9}  lmtp",
+            "filer", "state", "weight", "mailboxes"
+        );
+        for f in &s.filers {
+            println!(
+                "{:<12} {:<9} {:>6} {:>9}  {}",
+                f.filer.name, f.filer.state, f.filer.weight, f.mailboxes, f.filer.lmtp
+            );
+        }
+    }
+    Ok(if healthy {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    })
+}
+
+async fn domain(settings: &PlatformSettings, cmd: DomainCmd) -> anyhow::Result<ExitCode> {
+    let db = open(settings).await?;
+    match cmd {
+        DomainCmd::Add { domain } => println!(
+            "added domain {}",
+            admin::domain_add(db.as_ref(), &domain).await?
+        ),
+        DomainCmd::Remove { domain } => {
+            println!(
+                "removed domain {}",
+                admin::domain_remove(db.as_ref(), &domain).await?
+            )
+        }
+        DomainCmd::List { json } => {
+            let list = db.domains().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                for d in list {
+                    println!(
+                        "{}  ({} mailbox(es), {} alias(es))",
+                        d.name, d.mailboxes, d.aliases
+                    );
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn user(settings: &PlatformSettings, cmd: UserCmd) -> anyhow::Result<ExitCode> {
+    let db = open(settings).await?;
+    match cmd {
+        UserCmd::Add {
+            address,
+            quota,
+            filer,
+        } => {
+            let quota = ByteSize::parse(&quota)
+                .map_err(|e| anyhow::anyhow!("--quota: {e}"))?
+                .bytes();
+            // Validate before asking for a password.
+            let a = admin::parse_mailbox_address(&address)?;
+            let password = read_password()?;
+            let m = admin::user_add(db.as_ref(), &a.to_string(), password, quota, filer).await?;
+            println!("added {} on {}", m.address, m.filer);
+        }
+        UserCmd::Passwd { address } => {
+            admin::parse_address(&address)?;
+            let password = read_password()?;
+            println!(
+                "changed the password of {}",
+                admin::user_passwd(db.as_ref(), &address, password).await?
+            );
+        }
+        UserCmd::Remove { address } => {
+            let key = admin::parse_address(&address)?.key();
+            db.remove_mailbox(&key).await?;
+            println!("removed {key} (its mail stays on the filer)");
+        }
+        UserCmd::List { domain, json } => {
+            let d = domain.map(|d| admin::parse_domain(&d)).transpose()?;
+            let list = db.mailboxes(d.as_deref()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                for m in list {
+                    let quota = if m.quota == 0 {
+                        "unlimited".to_owned()
+                    } else {
+                        ByteSize(m.quota).to_string()
+                    };
+                    println!(
+                        "{}  filer={} state={} quota={quota}",
+                        m.address, m.filer, m.state
+                    );
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Reads a password: from a prompt (asked twice) on a terminal, else the first line of stdin.
+fn read_password() -> anyhow::Result<String> {
+    let stdin = std::io::stdin();
+    let password = if stdin.is_terminal() {
+        let a = rpassword::prompt_password("Password: ")?;
+        let b = rpassword::prompt_password("Again: ")?;
+        if a != b {
+            bail!("the passwords differ");
+        }
+        a
+    } else {
+        let mut line = String::new();
+        stdin
+            .lock()
+            .read_line(&mut line)
+            .context("reading the password from standard input")?;
+        line.trim_end_matches(['\n', '\r']).to_owned()
+    };
+    if password.is_empty() {
+        bail!("empty password");
+    }
+    Ok(password)
+}
+
+async fn alias(settings: &PlatformSettings, cmd: AliasCmd) -> anyhow::Result<ExitCode> {
+    let db = open(settings).await?;
+    match cmd {
+        AliasCmd::Add { alias, target } => {
+            let (a, t) = admin::alias_add(db.as_ref(), &alias, &target).await?;
+            println!("added alias {a} -> {t}");
+        }
+        AliasCmd::Remove { alias, target } => {
+            let a = admin::parse_address(&alias)?.key();
+            let t = target
+                .map(|t| admin::parse_address(&t).map(|t| t.key()))
+                .transpose()?;
+            let n = db.remove_alias(&a, t.as_deref()).await?;
+            println!("removed {n} target(s) of {a}");
+        }
+        AliasCmd::List { domain, json } => {
+            let d = domain.map(|d| admin::parse_domain(&d)).transpose()?;
+            let list = db.aliases(d.as_deref()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                for a in list {
+                    println!("{} -> {}", a.address, a.target);
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn filer(settings: &PlatformSettings, cmd: FilerCmd) -> anyhow::Result<ExitCode> {
+    let db = open(settings).await?;
+    match cmd {
+        FilerCmd::Add {
+            name,
+            lmtp,
+            imap,
+            pop3,
+            weight,
+        } => {
+            admin::filer_add(
+                db.as_ref(),
+                Filer {
+                    name: name.clone(),
+                    lmtp,
+                    imap,
+                    pop3,
+                    state: FilerState::Up,
+                    weight,
+                },
+            )
+            .await?;
+            println!("added filer {name}");
+        }
+        FilerCmd::SetState { name, state } => {
+            let s: FilerState = state.parse().map_err(anyhow::Error::msg)?;
+            admin::filer_set_state(db.as_ref(), &name, s).await?;
+            println!("filer {name} is now {s}");
+        }
+        FilerCmd::List { json } => {
+            let list = db.filers().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                println!(
+                    "{:<12} {:<9} {:>6} {:>9}  {:<22} {:<22} pop3",
+                    "name", "state", "weight", "mailboxes", "lmtp", "imap"
+                );
+                for f in list {
+                    println!(
+                        "{:<12} {:<9} {:>6} {:>9}  {:<22} {:<22} {}",
+                        f.filer.name,
+                        f.filer.state,
+                        f.filer.weight,
+                        f.mailboxes,
+                        f.filer.lmtp,
+                        f.filer.imap,
+                        f.filer.pop3
+                    );
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,156 @@
+//! The platform configuration file: the shared sections from `common::config` and each
+//! service's own section, validated together so that every problem is reported at once.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use common::config::{
+    self, ConfigError, DatabaseFile, PlatformFile as PlatformSection, Problems, Shared, TlsFile,
+    TrustFile,
+};
+use serde::Deserialize;
+
+/// The whole TOML file. Every field has a default; with no file at all this is the all-in-one
+/// platform on loopback with its data in `./data`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PlatformFile {
+    /// `[platform]`.
+    pub platform: PlatformSection,
+    /// `[database]`.
+    pub database: DatabaseFile,
+    /// `[tls]`.
+    pub tls: TlsFile,
+    /// `[trust]`.
+    pub trust: TrustFile,
+    /// `[[filers]]`: the filers this host runs. Default: two, `filer1` and `filer2`.
+    pub filers: Vec<filer::FileConfig>,
+}
+
+impl Default for PlatformFile {
+    fn default() -> Self {
+        Self {
+            platform: PlatformSection::default(),
+            database: DatabaseFile::default(),
+            tls: TlsFile::default(),
+            trust: TrustFile::default(),
+            filers: vec![
+                filer::FileConfig::numbered(1),
+                filer::FileConfig::numbered(2),
+            ],
+        }
+    }
+}
+
+/// The validated settings of a platform.
+#[derive(Debug, Clone)]
+pub struct PlatformSettings {
+    /// What every service shares.
+    pub shared: Arc<Shared>,
+    /// The filers this host runs.
+    pub filers: Vec<Arc<filer::Settings>>,
+}
+
+impl PlatformSettings {
+    /// Reads and validates a configuration file (or the defaults, with no path).
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let file: PlatformFile = config::load(path)?;
+        Self::build(&file)
+    }
+
+    /// Validates a parsed file, reporting every problem with its key path.
+    pub fn build(file: &PlatformFile) -> Result<Self, ConfigError> {
+        let mut p = Problems::new();
+        let shared = Shared::build(
+            &file.platform,
+            &file.database,
+            &file.tls,
+            &file.trust,
+            &mut p,
+        );
+        let mut filers = Vec::new();
+        for (i, f) in file.filers.iter().enumerate() {
+            let key = format!("filers[{i}]");
+            let s = filer::Settings::build(f, &key, &shared, &mut p);
+            if file.filers[..i].iter().any(|o| o.name.trim() == s.name) {
+                p.push(
+                    format!("{key}.name"),
+                    format!("filer {:?} is configured twice", s.name),
+                );
+            }
+            filers.push(Arc::new(s));
+        }
+        check_listen_conflicts(&filers, &mut p);
+        p.into_result(Self {
+            shared: Arc::new(shared),
+            filers,
+        })
+    }
+}
+
+fn check_listen_conflicts(filers: &[Arc<filer::Settings>], p: &mut Problems) {
+    let mut seen: Vec<(std::net::SocketAddr, String)> = Vec::new();
+    for (i, f) in filers.iter().enumerate() {
+        for (what, addr) in [("lmtp", f.lmtp), ("imap", f.imap), ("pop3", f.pop3)] {
+            let Some(addr) = addr else { continue };
+            let key = format!("filers[{i}].{what}");
+            if addr.port() != 0 {
+                if let Some((_, other)) = seen.iter().find(|(a, _)| *a == addr) {
+                    p.push(&key, format!("{addr} is already used by {other}"));
+                }
+            }
+            seen.push((addr, key));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_file_is_the_all_in_one_platform() {
+        let s = PlatformSettings::load(None).unwrap();
+        assert_eq!(s.filers.len(), 2);
+        assert!(s.filers.iter().all(|f| f.lmtp.unwrap().ip().is_loopback()));
+        assert_eq!(s.shared.data_dir, std::path::PathBuf::from("./data"));
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key_path() {
+        let text = r#"
+            [platform]
+            hostname = "mx..example"
+            [[filers]]
+            name = "a"
+            lmtp = "nonsense"
+            max_message_size = "big"
+            [[filers]]
+            name = "a"
+            imap = "127.0.0.1:2143"
+        "#;
+        let file: PlatformFile = config::parse(text).unwrap();
+        let err = PlatformSettings::build(&file).unwrap_err();
+        let ConfigError::Invalid(p) = err else {
+            panic!("{err}")
+        };
+        let keys: Vec<&str> = p.as_slice().iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "platform.hostname",
+                "filers[0].lmtp",
+                "filers[0].max_message_size",
+                "filers[1].name",
+                "filers[1].imap",
+                "filers[1].pop3"
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_section_is_named() {
+        let e = config::parse::<PlatformFile>("[filers_typo]\nx = 1\n").unwrap_err();
+        assert!(e.contains("filers_typo"), "{e}");
+    }
+}

@@ -1,0 +1,208 @@
+//! Starting a platform's services in one process, on listeners bound here and handed in.
+//!
+//! `mailctl up` and the end-to-end tests go through this same code; tests bind port 0 and read
+//! the real addresses back from [`Running`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use common::location::{Cached, Directory, Filer, FilerState, Sqlite};
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::PlatformSettings;
+use crate::runfile::Listener;
+
+/// A started platform.
+pub struct Running {
+    /// Every bound listener.
+    pub listeners: Vec<Listener>,
+    /// The filers' bound addresses, by name.
+    pub filers: Vec<FilerAddrs>,
+    /// The location database (cached), as the services see it.
+    pub directory: Arc<dyn Directory>,
+    shutdown: CancellationToken,
+    tasks: JoinSet<(String, anyhow::Result<()>)>,
+}
+
+/// Where one filer listens.
+#[derive(Debug, Clone)]
+pub struct FilerAddrs {
+    /// Its name.
+    pub name: String,
+    /// LMTP.
+    pub lmtp: Option<SocketAddr>,
+    /// IMAP.
+    pub imap: Option<SocketAddr>,
+    /// POP3.
+    pub pop3: Option<SocketAddr>,
+}
+
+/// Opens (and migrates) the location database of a platform.
+pub async fn open_directory(settings: &PlatformSettings) -> anyhow::Result<Sqlite> {
+    let path = settings.shared.database_path.clone();
+    tokio::task::spawn_blocking(move || Sqlite::open(&path))
+        .await?
+        .context("opening the location database")
+}
+
+/// Registers the configured filers in the database (new ones are added in state `up`;
+/// existing ones get their addresses and weight updated and keep their state).
+pub async fn register_filers(
+    settings: &PlatformSettings,
+    db: &dyn Directory,
+) -> anyhow::Result<()> {
+    for f in &settings.filers {
+        let addr = |a: Option<SocketAddr>| a.map(|a| a.to_string()).unwrap_or_default();
+        db.register_filer(&Filer {
+            name: f.name.clone(),
+            lmtp: addr(f.lmtp),
+            imap: addr(f.imap),
+            pop3: addr(f.pop3),
+            state: FilerState::Up,
+            weight: f.weight,
+        })
+        .await
+        .with_context(|| format!("registering filer {}", f.name))?;
+    }
+    Ok(())
+}
+
+async fn bind(addr: Option<SocketAddr>, what: &str) -> anyhow::Result<Option<TcpListener>> {
+    match addr {
+        None => Ok(None),
+        Some(a) => Ok(Some(
+            TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding {what} on {a}"))?,
+        )),
+    }
+}
+
+fn local(l: &Option<TcpListener>) -> Option<SocketAddr> {
+    l.as_ref().and_then(|l| l.local_addr().ok())
+}
+
+/// Binds every listener the settings enable, registers the filers with their real addresses,
+/// and starts the services.
+pub async fn start(settings: PlatformSettings) -> anyhow::Result<Running> {
+    std::fs::create_dir_all(&settings.shared.data_dir)
+        .with_context(|| format!("creating {}", settings.shared.data_dir.display()))?;
+    let sqlite = open_directory(&settings).await?;
+    let directory: Arc<dyn Directory> =
+        Arc::new(Cached::new(Arc::new(sqlite), settings.shared.cache_ttl));
+    let shutdown = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    let mut listeners = Vec::new();
+    let mut filers = Vec::new();
+    let mut bound_settings = Vec::new();
+
+    for f in &settings.filers {
+        let l = filer::Listeners {
+            lmtp: bind(f.lmtp, &format!("{} lmtp", f.name)).await?,
+            imap: bind(f.imap, &format!("{} imap", f.name)).await?,
+            pop3: bind(f.pop3, &format!("{} pop3", f.name)).await?,
+        };
+        let addrs = FilerAddrs {
+            name: f.name.clone(),
+            lmtp: local(&l.lmtp),
+            imap: local(&l.imap),
+            pop3: local(&l.pop3),
+        };
+        for (proto, a) in [
+            ("lmtp", addrs.lmtp),
+            ("imap", addrs.imap),
+            ("pop3", addrs.pop3),
+        ] {
+            if let Some(a) = a {
+                listeners.push(Listener {
+                    service: f.name.clone(),
+                    protocol: proto.into(),
+                    address: a.to_string(),
+                });
+            }
+        }
+        // The database must hold the addresses really bound (port 0 in tests).
+        let mut real = (**f).clone();
+        real.lmtp = addrs.lmtp;
+        real.imap = addrs.imap;
+        real.pop3 = addrs.pop3;
+        bound_settings.push((Arc::new(real), l));
+        filers.push(addrs);
+    }
+    let registered = PlatformSettings {
+        shared: settings.shared.clone(),
+        filers: bound_settings.iter().map(|(s, _)| s.clone()).collect(),
+    };
+    register_filers(&registered, directory.as_ref()).await?;
+
+    for (s, l) in bound_settings {
+        let token = shutdown.child_token();
+        let name = s.name.clone();
+        tasks.spawn(async move {
+            (
+                name,
+                filer::serve(s, l, token).await.map_err(anyhow::Error::from),
+            )
+        });
+    }
+    tracing::info!(listeners = listeners.len(), "platform started");
+    Ok(Running {
+        listeners,
+        filers,
+        directory,
+        shutdown,
+        tasks,
+    })
+}
+
+impl Running {
+    /// The token that stops every service.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Waits until a service stops on its own (an error) or `stop` is cancelled; then stops
+    /// every service and waits for them.
+    pub async fn run_until(mut self, stop: CancellationToken) -> anyhow::Result<()> {
+        let first = tokio::select! {
+            _ = stop.cancelled() => None,
+            Some(done) = self.tasks.join_next() => Some(done),
+        };
+        self.shutdown.cancel();
+        let mut result = Ok(());
+        if let Some(done) = first {
+            result = service_result(done);
+        }
+        while let Some(done) = self.tasks.join_next().await {
+            if let Err(e) = service_result(done) {
+                if result.is_ok() {
+                    result = Err(e);
+                }
+            }
+        }
+        result
+    }
+
+    /// Stops every service and waits for them.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let t = CancellationToken::new();
+        t.cancel();
+        self.run_until(t).await
+    }
+}
+
+fn service_result(
+    done: Result<(String, anyhow::Result<()>), tokio::task::JoinError>,
+) -> anyhow::Result<()> {
+    match done {
+        Ok((name, Ok(()))) => {
+            tracing::info!(service = %name, "stopped");
+            Ok(())
+        }
+        Ok((name, Err(e))) => Err(e.context(format!("service {name} failed"))),
+        Err(e) => Err(anyhow::anyhow!("a service panicked: {e}")),
+    }
+}

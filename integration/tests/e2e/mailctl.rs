@@ -1,0 +1,222 @@
+//! `mailctl` as an operator uses it: a fresh data directory, real processes, exit codes.
+
+use std::io::Write as _;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+fn mailctl(dir: &Path, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mailctl"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("MAILCTL_CONFIG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    if let Some(s) = stdin {
+        input.write_all(s.as_bytes()).unwrap();
+    }
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
+fn ok(dir: &Path, args: &[&str], stdin: Option<&str>) -> String {
+    let out = mailctl(dir, args, stdin);
+    assert!(
+        out.status.success(),
+        "mailctl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn fails(dir: &Path, args: &[&str], stdin: Option<&str>, message: &str) {
+    let out = mailctl(dir, args, stdin);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "mailctl {args:?} should fail");
+    assert!(
+        err.contains(message),
+        "mailctl {args:?}: expected {message:?} in {err:?}"
+    );
+}
+
+#[test]
+fn domain_user_alias_filer_administration() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(d, &["domain", "add", "Example.TEST"], None);
+    fails(
+        d,
+        &["domain", "add", "example.test"],
+        None,
+        "already exists",
+    );
+    fails(
+        d,
+        &["domain", "add", "not a domain"],
+        None,
+        "not a valid domain",
+    );
+    ok(d, &["user", "add", "a@example.test"], Some("pw\n"));
+    fails(
+        d,
+        &["user", "add", "b@unhosted.test"],
+        Some("pw\n"),
+        "not hosted",
+    );
+    fails(
+        d,
+        &["user", "add", "not-an-address"],
+        Some("pw\n"),
+        "not a valid address",
+    );
+    fails(
+        d,
+        &["user", "add", "c@example.test", "--filer", "nope"],
+        Some("pw\n"),
+        "unknown filer nope",
+    );
+    fails(
+        d,
+        &["user", "add", "c@example.test"],
+        Some(""),
+        "empty password",
+    );
+
+    let users: serde_json::Value =
+        serde_json::from_str(&ok(d, &["user", "list", "--json"], None)).unwrap();
+    let users = users.as_array().unwrap();
+    assert_eq!(
+        users.len(),
+        1,
+        "the refused users left nothing behind: {users:?}"
+    );
+    assert_eq!(users[0]["address"], "a@example.test");
+    let filer = users[0]["filer"].as_str().unwrap();
+    assert!(filer == "filer1" || filer == "filer2", "{filer}");
+
+    ok(
+        d,
+        &["alias", "add", "postmaster@example.test", "a@example.test"],
+        None,
+    );
+    let aliases: serde_json::Value =
+        serde_json::from_str(&ok(d, &["alias", "list", "--json"], None)).unwrap();
+    assert_eq!(aliases[0]["target"], "a@example.test");
+    fails(
+        d,
+        &["domain", "remove", "example.test"],
+        None,
+        "remove them first",
+    );
+
+    ok(
+        d,
+        &[
+            "filer",
+            "add",
+            "f9",
+            "--lmtp",
+            "127.0.0.1:9",
+            "--imap",
+            "127.0.0.1:9",
+            "--pop3",
+            "127.0.0.1:9",
+            "--weight",
+            "3",
+        ],
+        None,
+    );
+    ok(d, &["filer", "set-state", "f9", "draining"], None);
+    fails(
+        d,
+        &["filer", "set-state", "zz", "down"],
+        None,
+        "unknown filer zz",
+    );
+    let filers: serde_json::Value =
+        serde_json::from_str(&ok(d, &["filer", "list", "--json"], None)).unwrap();
+    let f9 = filers
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"] == "f9")
+        .unwrap();
+    assert_eq!(
+        (f9["state"].as_str(), f9["weight"].as_u64()),
+        (Some("draining"), Some(3))
+    );
+
+    ok(d, &["user", "passwd", "a@example.test"], Some("new\n"));
+    ok(d, &["alias", "remove", "postmaster@example.test"], None);
+    ok(d, &["user", "remove", "a@example.test"], None);
+    ok(d, &["domain", "remove", "example.test"], None);
+    assert_eq!(ok(d, &["domain", "list", "--json"], None).trim(), "[]");
+}
+
+#[test]
+fn config_check_reports_every_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("bad.toml"),
+        "[platform]\nhostname = \"a b\"\n[[filers]]\nname = \"x\"\nlmtp = \"nowhere\"\n",
+    )
+    .unwrap();
+    let out = mailctl(d, &["--config", "bad.toml", "config", "check"], None);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("platform.hostname") && err.contains("filers[0].lmtp"),
+        "{err}"
+    );
+    ok(d, &["config", "check"], None);
+}
+
+#[test]
+fn up_then_status_reports_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("mail.toml"),
+        "[[filers]]\nname = \"filer1\"\nlmtp = \"127.0.0.1:0\"\nimap = \"127.0.0.1:0\"\npop3 = \"127.0.0.1:0\"\n",
+    )
+    .unwrap();
+    let out = mailctl(d, &["-c", "mail.toml", "status"], None);
+    assert_eq!(out.status.code(), Some(3), "not running yet");
+    let mut up = Command::new(env!("CARGO_BIN_EXE_mailctl"))
+        .args(["-c", "mail.toml", "up"])
+        .current_dir(d)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait (with a deadline) for the run file that `up` writes once it listens.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let out = mailctl(d, &["-c", "mail.toml", "status", "--json"], None);
+        if out.status.success() {
+            break serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "status never reported a running platform: {out:?}"
+        );
+        std::thread::yield_now();
+    };
+    assert_eq!(status["running"], true);
+    assert_eq!(status["pid"].as_u64(), Some(u64::from(up.id())));
+    assert!(status["listeners"].as_array().unwrap().len() >= 3);
+    let out = mailctl(d, &["-c", "mail.toml", "up"], None);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already running"));
+    Command::new("kill")
+        .arg(up.id().to_string())
+        .status()
+        .unwrap();
+    assert!(up.wait().unwrap().success(), "up exits cleanly on SIGTERM");
+    let out = mailctl(d, &["-c", "mail.toml", "status"], None);
+    assert_eq!(out.status.code(), Some(3), "stopped");
+}
