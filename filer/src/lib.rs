@@ -5,6 +5,7 @@
 //! (only from `trust.proxy_networks`). Nothing else reaches the disk.
 
 mod settings;
+pub mod store;
 
 use std::sync::Arc;
 

@@ -1,0 +1,289 @@
+//! The filer's mail store: one Maildir++ tree per mailbox on local disk, and beside it a
+//! per-mailbox SQLite index that is the source of truth for UIDs, UIDVALIDITY, flags and
+//! modseq.
+//!
+//! Layout: `<mail_root>/<domain>/<local>/` holds INBOX (`cur/ new/ tmp/`), one `.<Folder>/`
+//! per other folder (Maildir++), and `index.sqlite`. A message file is written, fsynced and
+//! linked into `cur/` (whose directory is then fsynced) *before* its index row is committed;
+//! only then is a delivery acknowledged. A crash after the link but before the commit leaves
+//! a file that is not in the index: it is indexed the next time the mailbox is opened
+//! ([`UserStore::open`] reconciles), so nothing acknowledged is lost and no half message is
+//! ever visible (half-written files only exist in `tmp/`, which readers never look at).
+
+mod index;
+mod maildir;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+pub use index::{FolderInfo, MessageMeta};
+
+/// Folders every new mailbox gets, with their SPECIAL-USE attribute (RFC 6154).
+pub const DEFAULT_FOLDERS: &[(&str, &str)] =
+    &[("Drafts", "\\Drafts"), ("Sent", "\\Sent"), ("Junk", "\\Junk"), ("Trash", "\\Trash")];
+
+/// The folder spam-tagged deliveries go to.
+pub const JUNK: &str = "Junk";
+
+/// Open mailboxes kept before unused ones are dropped.
+const MAX_OPEN_MAILBOXES: usize = 4096;
+
+/// A store operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The mailbox name cannot be a safe directory name.
+    #[error("invalid mailbox name {0:?}")]
+    InvalidName(String),
+    /// The delivery would exceed the quota.
+    #[error("quota exceeded ({used} + {size} > {quota} bytes)")]
+    QuotaExceeded {
+        /// Bytes in use.
+        used: u64,
+        /// The message.
+        size: u64,
+        /// The quota.
+        quota: u64,
+    },
+    /// No such folder.
+    #[error("no such folder {0:?}")]
+    NoFolder(String),
+    /// A file or directory operation failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// On which path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The index failed.
+    #[error("index {path}: {source}")]
+    Index {
+        /// The index file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: rusqlite::Error,
+    },
+}
+
+/// What a delivery produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivered {
+    /// The folder's UIDVALIDITY.
+    pub uid_validity: u32,
+    /// The message's UID.
+    pub uid: u32,
+}
+
+/// All mailboxes of one filer.
+pub struct Store {
+    root: PathBuf,
+    host: String,
+    open: Mutex<HashMap<String, Arc<UserStore>>>,
+}
+
+impl Store {
+    /// A store rooted at `root`; `host` goes into unique file names.
+    pub fn new(root: PathBuf, host: &str) -> Self {
+        let host = host.replace(['/', ':', ','], "_");
+        Self { root, host, open: Mutex::new(HashMap::new()) }
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Opens (creating on first use) the mailbox of `address`, a key-form address from the
+    /// location database. Blocking.
+    pub fn user(&self, address: &str, uid_validity_seed: u32) -> Result<Arc<UserStore>, StoreError> {
+        if let Some(u) = self.open.lock().ok().and_then(|m| m.get(address).cloned()) {
+            return Ok(u);
+        }
+        let dir = self.root.join(user_path(address)?);
+        let user = Arc::new(UserStore::open(dir, self.host.clone(), uid_validity_seed)?);
+        if let Ok(mut open) = self.open.lock() {
+            if open.len() >= MAX_OPEN_MAILBOXES {
+                open.retain(|_, u| Arc::strong_count(u) > 1);
+            }
+            // Another thread may have opened it meanwhile: keep the first one, so all sessions
+            // share one index handle and one change feed.
+            return Ok(open.entry(address.to_owned()).or_insert(user).clone());
+        }
+        Ok(user)
+    }
+
+    /// The directory of a mailbox, whether or not it exists yet.
+    pub fn user_dir(&self, address: &str) -> Result<PathBuf, StoreError> {
+        Ok(self.root.join(user_path(address)?))
+    }
+}
+
+/// `domain/local` for a key-form address. Only a conservative character set is accepted, so a
+/// name can never reach outside the mail root (no `/`, no leading `.`, no `..`).
+fn user_path(address: &str) -> Result<PathBuf, StoreError> {
+    let bad = || StoreError::InvalidName(address.to_owned());
+    let (local, domain) = address.rsplit_once('@').ok_or_else(bad)?;
+    let local_ok = !local.is_empty()
+        && local.len() <= 64
+        && !local.starts_with('.')
+        && local.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'+' | b'-'));
+    let domain_ok = !domain.is_empty()
+        && domain.len() <= 255
+        && domain.split('.').all(|l| {
+            !l.is_empty() && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        });
+    if !local_ok || !domain_ok {
+        return Err(bad());
+    }
+    Ok(Path::new(domain).join(local))
+}
+
+/// One mailbox: its Maildir tree and its index.
+pub struct UserStore {
+    dir: PathBuf,
+    host: String,
+    index: Mutex<index::Index>,
+}
+
+impl UserStore {
+    /// Opens a mailbox directory, creating the Maildir tree, the index and the default folders
+    /// on first use, and indexing any message file a crash left unindexed. Blocking.
+    pub fn open(dir: PathBuf, host: String, uid_validity_seed: u32) -> Result<Self, StoreError> {
+        maildir::create_tree(&dir)?;
+        let mut index = index::Index::open(&dir, uid_validity_seed)?;
+        for (name, special) in DEFAULT_FOLDERS {
+            let folder = index.ensure_folder(name, Some(special))?;
+            maildir::create_tree(&dir.join(&folder.dir))?;
+        }
+        let store = Self { dir, host, index: Mutex::new(index) };
+        store.reconcile()?;
+        Ok(store)
+    }
+
+    /// The mailbox directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn index(&self) -> std::sync::MutexGuard<'_, index::Index> {
+        // A panic while holding the lock cannot leave the index inconsistent (SQLite
+        // transactions roll back), so a poisoned lock is safe to reuse.
+        self.index.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Delivers a message into `folder` (created if missing) durably: file written and
+    /// fsynced, linked into `cur/`, directory fsynced, index row committed. Refuses with
+    /// [`StoreError::QuotaExceeded`] when `quota` (bytes, 0 = unlimited) would be exceeded.
+    /// Blocking.
+    pub fn deliver(&self, folder: &str, data: &[u8], quota: u64) -> Result<Delivered, StoreError> {
+        let size = data.len() as u64;
+        let (folder_dir, used) = {
+            let mut ix = self.index();
+            let f = ix.ensure_folder(folder, None)?;
+            (f.dir, ix.usage()?)
+        };
+        if quota > 0 && used + size > quota {
+            return Err(StoreError::QuotaExceeded { used, size, quota });
+        }
+        let fdir = self.dir.join(&folder_dir);
+        maildir::create_tree(&fdir)?;
+        let file = maildir::write_durably(&fdir, &self.host, data)?;
+        let internal_date = now();
+        let guid = content_guid(data);
+        let rel = format!("{}cur/{file}", if folder_dir.is_empty() { String::new() } else { format!("{folder_dir}/") });
+        let r = self.index().add_message(folder, &rel, size, internal_date, "", &guid);
+        match r {
+            Ok(d) => Ok(d),
+            Err(e) => {
+                // The index refused: take the file back out so it is not indexed later as a
+                // message the sender was told failed (they will retry).
+                let _ = std::fs::remove_file(self.dir.join(&rel));
+                Err(e)
+            }
+        }
+    }
+
+    /// Bytes in use across all folders.
+    pub fn usage(&self) -> Result<u64, StoreError> {
+        self.index().usage()
+    }
+
+    /// Every folder.
+    pub fn folders(&self) -> Result<Vec<FolderInfo>, StoreError> {
+        self.index().folders()
+    }
+
+    /// The messages of a folder in UID order.
+    pub fn messages(&self, folder: &str) -> Result<Vec<MessageMeta>, StoreError> {
+        self.index().messages(folder)
+    }
+
+    /// Removes messages (by UID) from a folder: index rows first (one transaction), then the
+    /// files. Blocking.
+    pub fn expunge(&self, folder: &str, uids: &[u32]) -> Result<usize, StoreError> {
+        let files = self.index().remove_messages(folder, uids)?;
+        for f in &files {
+            let _ = std::fs::remove_file(self.dir.join(f));
+        }
+        Ok(files.len())
+    }
+
+    /// The full path of a message file.
+    pub fn path_of(&self, meta: &MessageMeta) -> PathBuf {
+        self.dir.join(&meta.file)
+    }
+
+    /// Indexes message files that are in a folder's `cur/` or `new/` but not in the index
+    /// (left by a crash between link and commit), and removes stale files from `tmp/`.
+    fn reconcile(&self) -> Result<(), StoreError> {
+        let folders = self.folders()?;
+        for f in folders {
+            let fdir = self.dir.join(&f.dir);
+            maildir::clean_tmp(&fdir.join("tmp"));
+            let known: std::collections::HashSet<String> =
+                self.messages(&f.name)?.into_iter().map(|m| m.file).collect();
+            let prefix = if f.dir.is_empty() { String::new() } else { format!("{}/", f.dir) };
+            for sub in ["new", "cur"] {
+                for name in maildir::list(&fdir.join(sub))? {
+                    let rel = format!("{prefix}{sub}/{name}");
+                    if known.contains(&rel) {
+                        continue;
+                    }
+                    let path = self.dir.join(&rel);
+                    let Ok(data) = std::fs::read(&path) else { continue };
+                    let mtime = std::fs::metadata(&path)
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                        .map_or_else(now, |d| d.as_secs() as i64);
+                    tracing::info!(file = %path.display(), "indexing a message file found unindexed");
+                    self.index().add_message(&f.name, &rel, data.len() as u64, mtime, "", &content_guid(&data))?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A stable content id: the first 128 bits of SHA-256, hex. Used to verify migrations and as
+/// the POP3 UIDL, so it survives moves between filers.
+pub fn content_guid(data: &[u8]) -> String {
+    use sha2::Digest as _;
+    let d = sha2::Sha256::digest(data);
+    d.iter().take(16).map(|b| format!("{b:02x}")).collect()
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests;

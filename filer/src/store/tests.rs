@@ -1,0 +1,99 @@
+use std::os::unix::fs::PermissionsExt as _;
+
+use super::*;
+
+fn store() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::new(dir.path().join("mail"), "filer.test");
+    (dir, s)
+}
+
+#[test]
+fn delivery_is_indexed_with_increasing_uids() {
+    let (_d, s) = store();
+    let u = s.user("a@example.test", 1_700_000_000).unwrap();
+    let a = u.deliver("INBOX", b"Subject: 1\r\n\r\none\r\n", 0).unwrap();
+    let b = u.deliver("INBOX", b"Subject: 2\r\n\r\ntwo\r\n", 0).unwrap();
+    assert_eq!((a.uid, b.uid), (1, 2));
+    assert_eq!(a.uid_validity, 1_700_000_000);
+    let msgs = u.messages("INBOX").unwrap();
+    assert_eq!(msgs.len(), 2);
+    let path = u.path_of(&msgs[0]);
+    assert_eq!(std::fs::read(&path).unwrap(), b"Subject: 1\r\n\r\none\r\n");
+    assert!(path.starts_with(s.root().join("example.test/a/cur")), "{}", path.display());
+    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(u.usage().unwrap(), msgs.iter().map(|m| m.size).sum::<u64>());
+    assert_ne!(msgs[0].guid, msgs[1].guid);
+    assert!(std::fs::read_dir(s.root().join("example.test/a/tmp")).unwrap().next().is_none(), "tmp is empty");
+}
+
+#[test]
+fn new_mailbox_has_the_special_folders() {
+    let (_d, s) = store();
+    let u = s.user("a@example.test", 7).unwrap();
+    let f = u.folders().unwrap();
+    let names: Vec<&str> = f.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(names, ["INBOX", "Drafts", "Junk", "Sent", "Trash"]);
+    assert_eq!(f[2].special_use.as_deref(), Some("\\Junk"));
+    assert!(s.root().join("example.test/a/.Junk/cur").is_dir());
+    let mut uvs: Vec<u32> = f.iter().map(|f| f.uid_validity).collect();
+    uvs.dedup();
+    assert_eq!(uvs.len(), 5, "every folder has its own UIDVALIDITY");
+}
+
+#[test]
+fn quota_is_enforced() {
+    let (_d, s) = store();
+    let u = s.user("a@example.test", 1).unwrap();
+    u.deliver("INBOX", &[b'x'; 600], 1000).unwrap();
+    let e = u.deliver("INBOX", &[b'x'; 600], 1000).unwrap_err();
+    assert!(matches!(e, StoreError::QuotaExceeded { used: 600, size: 600, quota: 1000 }), "{e}");
+    assert_eq!(u.messages("INBOX").unwrap().len(), 1, "nothing half-delivered");
+    u.deliver("INBOX", &[b'x'; 600], 0).unwrap(); // 0 = unlimited
+}
+
+#[test]
+fn a_file_left_unindexed_by_a_crash_is_indexed_on_open() {
+    let (_d, s) = store();
+    let dir = {
+        let u = s.user("a@example.test", 1).unwrap();
+        u.deliver("INBOX", b"first\r\n", 0).unwrap();
+        u.dir().to_owned()
+    };
+    // A crash after the link into cur/ but before the index commit, and a half-written tmp file.
+    std::fs::write(dir.join("cur/1.M1P1Q1.host,S=8:2,"), b"second\r\n").unwrap();
+    std::fs::write(dir.join("tmp/2.M2P2Q2.host"), b"half").unwrap();
+    let u = UserStore::open(dir.clone(), "h".into(), 1).unwrap();
+    let msgs = u.messages("INBOX").unwrap();
+    assert_eq!(msgs.len(), 2, "{msgs:?}");
+    assert_eq!(msgs[1].uid, 2);
+    assert_eq!(std::fs::read(u.path_of(&msgs[1])).unwrap(), b"second\r\n");
+    // Reopening again indexes nothing twice.
+    let u = UserStore::open(dir, "h".into(), 1).unwrap();
+    assert_eq!(u.messages("INBOX").unwrap().len(), 2);
+}
+
+#[test]
+fn expunge_removes_rows_then_files() {
+    let (_d, s) = store();
+    let u = s.user("a@example.test", 1).unwrap();
+    u.deliver("INBOX", b"a\r\n", 0).unwrap();
+    u.deliver("INBOX", b"bb\r\n", 0).unwrap();
+    let first = u.messages("INBOX").unwrap()[0].clone();
+    assert_eq!(u.expunge("INBOX", &[1, 99]).unwrap(), 1);
+    assert!(!u.path_of(&first).exists());
+    assert_eq!(u.usage().unwrap(), 4);
+    // UIDs are never reused.
+    assert_eq!(u.deliver("INBOX", b"c\r\n", 0).unwrap().uid, 3);
+}
+
+#[test]
+fn names_cannot_leave_the_mail_root() {
+    let (_d, s) = store();
+    for bad in ["../x@example.test", "a@../../etc", "a/b@example.test", ".a@example.test", "a@example.test/..", "A@example.test", "noat", "a@", "@example.test", "a@exa mple.test", "a\0@example.test"] {
+        assert!(matches!(s.user(bad, 1), Err(StoreError::InvalidName(_))), "{bad}");
+    }
+    for (name, dir) in [("INBOX", ""), ("Junk", ".Junk"), ("a/b", ".a.b"), ("..", ".%2E%2E"), ("cur", ".cur"), ("x\r\n", ".x%0D%0A"), ("~/x", ".%7E.x"), ("Entwürfe", ".Entw%C3%BCrfe")] {
+        assert_eq!(index::folder_dir(name), dir, "{name}");
+    }
+}
