@@ -94,6 +94,95 @@ pub fn is_transient_accept_error(e: &io::Error) -> bool {
 /// How long an accept loop pauses after a transient error.
 pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
+/// What an accept loop needs besides its listener.
+#[derive(Debug, Clone)]
+pub struct AcceptOptions {
+    /// The protocol, for logs (`lmtp`, `pop3`, ...).
+    pub protocol: &'static str,
+    /// Most concurrent connections; one more is sent `busy_reply` and closed.
+    pub max_connections: usize,
+    /// Sent to a connection over the limit (`421 4.3.2 too busy\r\n`, `* BYE ...`).
+    pub busy_reply: &'static [u8],
+    /// Peers allowed to connect; `None` allows everyone.
+    pub trusted: Option<Networks>,
+    /// Sent to a peer outside `trusted` before closing.
+    pub untrusted_reply: &'static [u8],
+    /// How long to wait for sessions to end after shutdown.
+    pub shutdown_grace: Duration,
+}
+
+/// Accepts connections until `shutdown` is cancelled, running `handler` for each in its own
+/// task inside a span with `conn`, `peer` and an empty `user` field. Connections over the
+/// limit or from untrusted peers get the configured reply and are closed. After shutdown it
+/// waits up to `shutdown_grace` for running sessions (each sees the same token between
+/// commands).
+pub async fn accept_loop<F, Fut>(
+    listener: tokio::net::TcpListener,
+    opts: AcceptOptions,
+    shutdown: tokio_util::sync::CancellationToken,
+    handler: F,
+) -> io::Result<()>
+where
+    F: Fn(tokio::net::TcpStream, std::net::SocketAddr, ConnId) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    use tokio::io::AsyncWriteExt as _;
+    use tracing::Instrument as _;
+
+    let tasks = tokio_util::task::TaskTracker::new();
+    let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(opts.max_connections));
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) if is_transient_accept_error(&e) => {
+                    tracing::warn!(protocol = opts.protocol, error = %e, "accept failed; pausing");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        if let Some(trusted) = &opts.trusted {
+            if !trusted.contains(peer.ip()) {
+                tracing::warn!(protocol = opts.protocol, %peer, "refused an untrusted peer");
+                let reply = opts.untrusted_reply;
+                tasks.spawn(async move {
+                    let mut stream = stream;
+                    let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(reply)).await;
+                });
+                continue;
+            }
+        }
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            tracing::warn!(protocol = opts.protocol, %peer, "too many connections");
+            let reply = opts.busy_reply;
+            tasks.spawn(async move {
+                let mut stream = stream;
+                let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(reply)).await;
+            });
+            continue;
+        };
+        let id = ConnId::next();
+        let span = tracing::info_span!("conn", proto = opts.protocol, conn = %id, %peer, user = tracing::field::Empty);
+        let fut = handler(stream, peer, id);
+        tasks.spawn(
+            async move {
+                let _permit = permit;
+                fut.await;
+            }
+            .instrument(span),
+        );
+    }
+    tasks.close();
+    if tokio::time::timeout(opts.shutdown_grace, tasks.wait()).await.is_err() {
+        tracing::warn!(protocol = opts.protocol, "sessions still running after the shutdown grace period");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

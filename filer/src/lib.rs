@@ -1,14 +1,20 @@
 //! The filer: the storage server.
 //!
-//! Mailboxes are Maildirs on this host's local disk. Spools deliver over LMTP (only from
-//! `trust.spool_networks`); access proxies read over IMAP and POP3 with the trusted proxy login
-//! (only from `trust.proxy_networks`). Nothing else reaches the disk.
+//! Mailboxes are Maildirs on this host's local disk ([`store`]), each with a SQLite index for
+//! UIDs, flags and modseq. Spools deliver over LMTP, and only from `trust.spool_networks`;
+//! access proxies read over POP3 (and IMAP) with the trusted proxy login
+//! (`user\0principal\0secret`), and only from `trust.proxy_networks`. The filer never sees a
+//! user's password. Nothing else reaches the disk.
 
+mod lmtp;
 mod settings;
 pub mod store;
 
 use std::sync::Arc;
 
+use common::location::Directory;
+use common::net::{AcceptOptions, accept_loop};
+use common::smtp::server::Connection;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -31,16 +37,86 @@ pub enum ServeError {
     /// A listener failed for good.
     #[error("accept failed: {0}")]
     Accept(#[source] std::io::Error),
+    /// The proxy secret could not be read or made.
+    #[error("cannot read the proxy secret: {0}")]
+    Secret(#[source] std::io::Error),
 }
 
-/// Serves until `shutdown` is cancelled.
+/// What every session of this filer shares.
+pub(crate) struct Filer {
+    pub(crate) settings: Arc<Settings>,
+    pub(crate) directory: Arc<dyn Directory>,
+    pub(crate) store: Arc<store::Store>,
+    #[allow(dead_code)] // TODO(#3): the POP3 trusted login
+    pub(crate) proxy_secret: String,
+}
+
+/// Most concurrent LMTP sessions.
+const MAX_LMTP_SESSIONS: usize = 200;
+
+/// Serves LMTP (and POP3 and IMAP as they are built) until `shutdown` is cancelled.
 pub async fn serve(
     settings: Arc<Settings>,
+    directory: Arc<dyn Directory>,
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    // TODO(#3): LMTP delivery, the index and POP3; TODO(#4): IMAP.
-    let _keep = (settings, listeners);
+    let shared = settings.shared.clone();
+    let proxy_secret = tokio::task::spawn_blocking(move || shared.resolve_proxy_secret())
+        .await
+        .map_err(|e| ServeError::Secret(std::io::Error::other(e)))?
+        .map_err(ServeError::Secret)?;
+    let store = Arc::new(store::Store::new(
+        settings.mail_root.clone(),
+        &settings.shared.hostname,
+    ));
+    let filer = Arc::new(Filer {
+        settings: settings.clone(),
+        directory,
+        store,
+        proxy_secret,
+    });
+    let mut tasks = tokio::task::JoinSet::new();
+    // TODO(#4): IMAP. Until then the IMAP listener is held, so its port stays reserved.
+    let _imap = listeners.imap;
+    let _pop3 = listeners.pop3;
+    if let Some(l) = listeners.lmtp {
+        let opts = AcceptOptions {
+            protocol: "lmtp",
+            max_connections: MAX_LMTP_SESSIONS,
+            busy_reply: b"421 4.3.2 too many connections, try again later\r\n",
+            trusted: Some(settings.shared.spool_networks.clone()),
+            untrusted_reply: b"554 5.7.1 LMTP is not available to you\r\n",
+            shutdown_grace: settings.shared.shutdown_grace,
+        };
+        let f = filer.clone();
+        let token = shutdown.clone();
+        tasks.spawn(accept_loop(
+            l,
+            opts,
+            shutdown.clone(),
+            move |stream, peer, id| {
+                let (f, token) = (f.clone(), token.clone());
+                async move {
+                    let conn = Connection::new(Box::new(stream), peer, lmtp::limits(&f));
+                    lmtp::session(f, conn, id, token).await;
+                }
+            },
+        ));
+    }
+    while let Some(r) = tasks.join_next().await {
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                shutdown.cancel();
+                return Err(ServeError::Accept(e));
+            }
+            Err(e) => {
+                shutdown.cancel();
+                return Err(ServeError::Accept(std::io::Error::other(e)));
+            }
+        }
+    }
     shutdown.cancelled().await;
     Ok(())
 }

@@ -141,11 +141,10 @@ pub async fn start(settings: PlatformSettings) -> anyhow::Result<Running> {
     for (s, l) in bound_settings {
         let token = shutdown.child_token();
         let name = s.name.clone();
+        let dir = directory.clone();
         tasks.spawn(async move {
-            (
-                name,
-                filer::serve(s, l, token).await.map_err(anyhow::Error::from),
-            )
+            let r = filer::serve(s, dir, l, token).await;
+            (name, r.map_err(anyhow::Error::from))
         });
     }
     tracing::info!(listeners = listeners.len(), "platform started");

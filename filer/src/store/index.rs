@@ -89,34 +89,58 @@ pub(super) struct Index {
 impl Index {
     pub(super) fn open(dir: &Path, seed: u32) -> Result<Self, StoreError> {
         let path = dir.join("index.sqlite");
-        let err = |source| StoreError::Index { path: path.clone(), source };
+        let err = |source| StoreError::Index {
+            path: path.clone(),
+            source,
+        };
         let conn = Connection::open(&path).map_err(err)?;
         conn.busy_timeout(Duration::from_secs(10)).map_err(err)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
-        conn.pragma_update(None, "synchronous", "FULL").map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(err)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
-        let mut ix = Self { conn, path, seed: seed.max(1) };
+        let mut ix = Self {
+            conn,
+            path,
+            seed: seed.max(1),
+        };
         ix.ensure_folder("INBOX", None)?;
         Ok(ix)
     }
 
     fn err(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
-        |source| StoreError::Index { path: self.path.clone(), source }
+        |source| StoreError::Index {
+            path: self.path.clone(),
+            source,
+        }
     }
 
     /// The folder `name`, created (with its UIDVALIDITY) if it does not exist.
-    pub(super) fn ensure_folder(&mut self, name: &str, special: Option<&str>) -> Result<FolderInfo, StoreError> {
+    pub(super) fn ensure_folder(
+        &mut self,
+        name: &str,
+        special: Option<&str>,
+    ) -> Result<FolderInfo, StoreError> {
         if let Some(f) = self.folder(name)? {
             return Ok(f);
         }
         let dir = folder_dir(name);
         let seed = i64::from(self.seed);
         let path = self.path.clone();
-        let err = move |source| StoreError::Index { path: path.clone(), source };
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(&err)?;
+        let err = move |source| StoreError::Index {
+            path: path.clone(),
+            source,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&err)?;
         // INBOX takes the seed from the location database; later folders take a value above
         // every one used so far, so a folder deleted and made again gets a new UIDVALIDITY.
-        let max: Option<i64> = tx.query_row("SELECT MAX(uidvalidity) FROM folders", [], |r| r.get(0)).map_err(&err)?;
+        let max: Option<i64> = tx
+            .query_row("SELECT MAX(uidvalidity) FROM folders", [], |r| r.get(0))
+            .map_err(&err)?;
         let uv = match max {
             None => seed,
             Some(m) => (m + 1).max(super::now()).min(i64::from(u32::MAX)),
@@ -127,7 +151,8 @@ impl Index {
         )
         .map_err(&err)?;
         tx.commit().map_err(&err)?;
-        self.folder(name)?.ok_or_else(|| StoreError::NoFolder(name.to_owned()))
+        self.folder(name)?
+            .ok_or_else(|| StoreError::NoFolder(name.to_owned()))
     }
 
     pub(super) fn folder(&self, name: &str) -> Result<Option<FolderInfo>, StoreError> {
@@ -152,7 +177,9 @@ impl Index {
 
     pub(super) fn usage(&self) -> Result<u64, StoreError> {
         self.conn
-            .query_row("SELECT bytes FROM usage WHERE id = 1", [], |r| r.get::<_, i64>(0))
+            .query_row("SELECT bytes FROM usage WHERE id = 1", [], |r| {
+                r.get::<_, i64>(0)
+            })
             .map(|b| b.max(0) as u64)
             .map_err(self.err())
     }
@@ -168,8 +195,14 @@ impl Index {
         guid: &str,
     ) -> Result<Delivered, StoreError> {
         let path = self.path.clone();
-        let err = move |source| StoreError::Index { path: path.clone(), source };
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(&err)?;
+        let err = move |source| StoreError::Index {
+            path: path.clone(),
+            source,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&err)?;
         let row: Option<(i64, i64, i64, i64)> = tx
             .query_row(
                 "SELECT id, uidvalidity, uidnext, highestmodseq + 1 FROM folders WHERE name = ?1",
@@ -178,7 +211,9 @@ impl Index {
             )
             .optional()
             .map_err(&err)?;
-        let Some((id, uv, uid, modseq)) = row else { return Err(StoreError::NoFolder(folder.to_owned())) };
+        let Some((id, uv, uid, modseq)) = row else {
+            return Err(StoreError::NoFolder(folder.to_owned()));
+        };
         let size_i = i64::try_from(size).unwrap_or(i64::MAX);
         tx.execute(
             "INSERT INTO messages (folder, uid, file, size, internaldate, flags, modseq, guid)
@@ -186,12 +221,21 @@ impl Index {
             params![id, uid, file, size_i, internal_date, flags, modseq, guid],
         )
         .map_err(&err)?;
-        tx.execute("UPDATE folders SET uidnext = ?2, highestmodseq = ?3 WHERE id = ?1", params![id, uid + 1, modseq])
-            .map_err(&err)?;
-        tx.execute("UPDATE usage SET bytes = bytes + ?1, messages = messages + 1 WHERE id = 1", [size_i])
-            .map_err(&err)?;
+        tx.execute(
+            "UPDATE folders SET uidnext = ?2, highestmodseq = ?3 WHERE id = ?1",
+            params![id, uid + 1, modseq],
+        )
+        .map_err(&err)?;
+        tx.execute(
+            "UPDATE usage SET bytes = bytes + ?1, messages = messages + 1 WHERE id = 1",
+            [size_i],
+        )
+        .map_err(&err)?;
         tx.commit().map_err(&err)?;
-        Ok(Delivered { uid_validity: uv.clamp(0, i64::from(u32::MAX)) as u32, uid: uid.clamp(0, i64::from(u32::MAX)) as u32 })
+        Ok(Delivered {
+            uid_validity: uv.clamp(0, i64::from(u32::MAX)) as u32,
+            uid: uid.clamp(0, i64::from(u32::MAX)) as u32,
+        })
     }
 
     pub(super) fn messages(&self, folder: &str) -> Result<Vec<MessageMeta>, StoreError> {
@@ -218,23 +262,45 @@ impl Index {
     }
 
     /// Removes messages from the index in one transaction; returns their files.
-    pub(super) fn remove_messages(&mut self, folder: &str, uids: &[u32]) -> Result<Vec<String>, StoreError> {
+    pub(super) fn remove_messages(
+        &mut self,
+        folder: &str,
+        uids: &[u32],
+    ) -> Result<Vec<String>, StoreError> {
         let path = self.path.clone();
-        let err = move |source| StoreError::Index { path: path.clone(), source };
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(&err)?;
-        let id: Option<i64> =
-            tx.query_row("SELECT id FROM folders WHERE name = ?1", [folder], |r| r.get(0)).optional().map_err(&err)?;
-        let Some(id) = id else { return Err(StoreError::NoFolder(folder.to_owned())) };
+        let err = move |source| StoreError::Index {
+            path: path.clone(),
+            source,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&err)?;
+        let id: Option<i64> = tx
+            .query_row("SELECT id FROM folders WHERE name = ?1", [folder], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(&err)?;
+        let Some(id) = id else {
+            return Err(StoreError::NoFolder(folder.to_owned()));
+        };
         let mut files = Vec::new();
         {
-            let mut sel = tx.prepare("SELECT file, size FROM messages WHERE folder = ?1 AND uid = ?2").map_err(&err)?;
-            let mut del = tx.prepare("DELETE FROM messages WHERE folder = ?1 AND uid = ?2").map_err(&err)?;
+            let mut sel = tx
+                .prepare("SELECT file, size FROM messages WHERE folder = ?1 AND uid = ?2")
+                .map_err(&err)?;
+            let mut del = tx
+                .prepare("DELETE FROM messages WHERE folder = ?1 AND uid = ?2")
+                .map_err(&err)?;
             let mut upd = tx
                 .prepare("UPDATE usage SET bytes = MAX(bytes - ?1, 0), messages = MAX(messages - 1, 0) WHERE id = 1")
                 .map_err(&err)?;
             for uid in uids {
-                let row: Option<(String, i64)> =
-                    sel.query_row(params![id, uid], |r| Ok((r.get(0)?, r.get(1)?))).optional().map_err(&err)?;
+                let row: Option<(String, i64)> = sel
+                    .query_row(params![id, uid], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()
+                    .map_err(&err)?;
                 if let Some((file, size)) = row {
                     del.execute(params![id, uid]).map_err(&err)?;
                     upd.execute([size]).map_err(&err)?;
@@ -242,7 +308,11 @@ impl Index {
                 }
             }
         }
-        tx.execute("UPDATE folders SET highestmodseq = highestmodseq + 1 WHERE id = ?1", [id]).map_err(&err)?;
+        tx.execute(
+            "UPDATE folders SET highestmodseq = highestmodseq + 1 WHERE id = ?1",
+            [id],
+        )
+        .map_err(&err)?;
         tx.commit().map_err(&err)?;
         Ok(files)
     }
@@ -271,7 +341,9 @@ pub(super) fn folder_dir(name: &str) -> String {
     for b in name.bytes() {
         match b {
             b'/' => out.push('.'),
-            b if b.is_ascii_alphanumeric() || matches!(b, b' ' | b'_' | b'-') => out.push(b as char),
+            b if b.is_ascii_alphanumeric() || matches!(b, b' ' | b'_' | b'-') => {
+                out.push(b as char)
+            }
             b => out.push_str(&format!("%{b:02X}")),
         }
     }

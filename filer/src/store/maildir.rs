@@ -26,11 +26,14 @@ pub(super) fn create_tree(dir: &Path) -> Result<(), StoreError> {
     let mut b = fs::DirBuilder::new();
     b.recursive(true).mode(0o700);
     for sub in ["cur", "new", "tmp"] {
-        b.create(dir.join(sub)).map_err(io("creating", &dir.join(sub)))?;
+        b.create(dir.join(sub))
+            .map_err(io("creating", &dir.join(sub)))?;
     }
     // Make the new directories durable: fsync the mailbox directory and its parent.
     for d in [Some(dir), dir.parent()].into_iter().flatten() {
-        File::open(d).and_then(|f| f.sync_all()).map_err(io("fsyncing", d))?;
+        File::open(d)
+            .and_then(|f| f.sync_all())
+            .map_err(io("fsyncing", d))?;
     }
     Ok(())
 }
@@ -55,7 +58,9 @@ pub(super) fn write_durably(dir: &Path, host: &str, data: &[u8]) -> Result<Strin
         let target = cur.join(&name);
         fs::hard_link(&tmp, &target).map_err(io("linking", &target))?;
         let _ = fs::remove_file(&tmp);
-        File::open(&cur).and_then(|d| d.sync_all()).map_err(io("fsyncing", &cur))?;
+        File::open(&cur)
+            .and_then(|d| d.sync_all())
+            .map_err(io("fsyncing", &cur))?;
         Ok(name)
     })();
     if result.is_err() {
@@ -67,7 +72,9 @@ pub(super) fn write_durably(dir: &Path, host: &str, data: &[u8]) -> Result<Strin
 /// A Maildir unique name: `<secs>.M<usecs>P<pid>Q<seq>.<host>`.
 fn unique_name(host: &str) -> String {
     static SEQ: AtomicU64 = AtomicU64::new(0);
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
     format!(
         "{}.M{}P{}Q{}.{host}",
         now.as_secs(),

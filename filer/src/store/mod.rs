@@ -20,8 +20,12 @@ use std::sync::{Arc, Mutex};
 pub use index::{FolderInfo, MessageMeta};
 
 /// Folders every new mailbox gets, with their SPECIAL-USE attribute (RFC 6154).
-pub const DEFAULT_FOLDERS: &[(&str, &str)] =
-    &[("Drafts", "\\Drafts"), ("Sent", "\\Sent"), ("Junk", "\\Junk"), ("Trash", "\\Trash")];
+pub const DEFAULT_FOLDERS: &[(&str, &str)] = &[
+    ("Drafts", "\\Drafts"),
+    ("Sent", "\\Sent"),
+    ("Junk", "\\Junk"),
+    ("Trash", "\\Trash"),
+];
 
 /// The folder spam-tagged deliveries go to.
 pub const JUNK: &str = "Junk";
@@ -90,7 +94,11 @@ impl Store {
     /// A store rooted at `root`; `host` goes into unique file names.
     pub fn new(root: PathBuf, host: &str) -> Self {
         let host = host.replace(['/', ':', ','], "_");
-        Self { root, host, open: Mutex::new(HashMap::new()) }
+        Self {
+            root,
+            host,
+            open: Mutex::new(HashMap::new()),
+        }
     }
 
     /// The root directory.
@@ -100,7 +108,11 @@ impl Store {
 
     /// Opens (creating on first use) the mailbox of `address`, a key-form address from the
     /// location database. Blocking.
-    pub fn user(&self, address: &str, uid_validity_seed: u32) -> Result<Arc<UserStore>, StoreError> {
+    pub fn user(
+        &self,
+        address: &str,
+        uid_validity_seed: u32,
+    ) -> Result<Arc<UserStore>, StoreError> {
         if let Some(u) = self.open.lock().ok().and_then(|m| m.get(address).cloned()) {
             return Ok(u);
         }
@@ -131,11 +143,15 @@ fn user_path(address: &str) -> Result<PathBuf, StoreError> {
     let local_ok = !local.is_empty()
         && local.len() <= 64
         && !local.starts_with('.')
-        && local.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'+' | b'-'));
+        && local.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'+' | b'-')
+        });
     let domain_ok = !domain.is_empty()
         && domain.len() <= 255
         && domain.split('.').all(|l| {
-            !l.is_empty() && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            !l.is_empty()
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         });
     if !local_ok || !domain_ok {
         return Err(bad());
@@ -160,7 +176,11 @@ impl UserStore {
             let folder = index.ensure_folder(name, Some(special))?;
             maildir::create_tree(&dir.join(&folder.dir))?;
         }
-        let store = Self { dir, host, index: Mutex::new(index) };
+        let store = Self {
+            dir,
+            host,
+            index: Mutex::new(index),
+        };
         store.reconcile()?;
         Ok(store)
     }
@@ -173,7 +193,9 @@ impl UserStore {
     fn index(&self) -> std::sync::MutexGuard<'_, index::Index> {
         // A panic while holding the lock cannot leave the index inconsistent (SQLite
         // transactions roll back), so a poisoned lock is safe to reuse.
-        self.index.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.index
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Delivers a message into `folder` (created if missing) durably: file written and
@@ -195,8 +217,17 @@ impl UserStore {
         let file = maildir::write_durably(&fdir, &self.host, data)?;
         let internal_date = now();
         let guid = content_guid(data);
-        let rel = format!("{}cur/{file}", if folder_dir.is_empty() { String::new() } else { format!("{folder_dir}/") });
-        let r = self.index().add_message(folder, &rel, size, internal_date, "", &guid);
+        let rel = format!(
+            "{}cur/{file}",
+            if folder_dir.is_empty() {
+                String::new()
+            } else {
+                format!("{folder_dir}/")
+            }
+        );
+        let r = self
+            .index()
+            .add_message(folder, &rel, size, internal_date, "", &guid);
         match r {
             Ok(d) => Ok(d),
             Err(e) => {
@@ -245,9 +276,16 @@ impl UserStore {
         for f in folders {
             let fdir = self.dir.join(&f.dir);
             maildir::clean_tmp(&fdir.join("tmp"));
-            let known: std::collections::HashSet<String> =
-                self.messages(&f.name)?.into_iter().map(|m| m.file).collect();
-            let prefix = if f.dir.is_empty() { String::new() } else { format!("{}/", f.dir) };
+            let known: std::collections::HashSet<String> = self
+                .messages(&f.name)?
+                .into_iter()
+                .map(|m| m.file)
+                .collect();
+            let prefix = if f.dir.is_empty() {
+                String::new()
+            } else {
+                format!("{}/", f.dir)
+            };
             for sub in ["new", "cur"] {
                 for name in maildir::list(&fdir.join(sub))? {
                     let rel = format!("{prefix}{sub}/{name}");
@@ -255,14 +293,23 @@ impl UserStore {
                         continue;
                     }
                     let path = self.dir.join(&rel);
-                    let Ok(data) = std::fs::read(&path) else { continue };
+                    let Ok(data) = std::fs::read(&path) else {
+                        continue;
+                    };
                     let mtime = std::fs::metadata(&path)
                         .and_then(|m| m.modified())
                         .ok()
                         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                         .map_or_else(now, |d| d.as_secs() as i64);
                     tracing::info!(file = %path.display(), "indexing a message file found unindexed");
-                    self.index().add_message(&f.name, &rel, data.len() as u64, mtime, "", &content_guid(&data))?;
+                    self.index().add_message(
+                        &f.name,
+                        &rel,
+                        data.len() as u64,
+                        mtime,
+                        "",
+                        &content_guid(&data),
+                    )?;
                 }
             }
         }

@@ -20,11 +20,24 @@ fn delivery_is_indexed_with_increasing_uids() {
     assert_eq!(msgs.len(), 2);
     let path = u.path_of(&msgs[0]);
     assert_eq!(std::fs::read(&path).unwrap(), b"Subject: 1\r\n\r\none\r\n");
-    assert!(path.starts_with(s.root().join("example.test/a/cur")), "{}", path.display());
-    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    assert!(
+        path.starts_with(s.root().join("example.test/a/cur")),
+        "{}",
+        path.display()
+    );
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     assert_eq!(u.usage().unwrap(), msgs.iter().map(|m| m.size).sum::<u64>());
     assert_ne!(msgs[0].guid, msgs[1].guid);
-    assert!(std::fs::read_dir(s.root().join("example.test/a/tmp")).unwrap().next().is_none(), "tmp is empty");
+    assert!(
+        std::fs::read_dir(s.root().join("example.test/a/tmp"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "tmp is empty"
+    );
 }
 
 #[test]
@@ -47,8 +60,22 @@ fn quota_is_enforced() {
     let u = s.user("a@example.test", 1).unwrap();
     u.deliver("INBOX", &[b'x'; 600], 1000).unwrap();
     let e = u.deliver("INBOX", &[b'x'; 600], 1000).unwrap_err();
-    assert!(matches!(e, StoreError::QuotaExceeded { used: 600, size: 600, quota: 1000 }), "{e}");
-    assert_eq!(u.messages("INBOX").unwrap().len(), 1, "nothing half-delivered");
+    assert!(
+        matches!(
+            e,
+            StoreError::QuotaExceeded {
+                used: 600,
+                size: 600,
+                quota: 1000
+            }
+        ),
+        "{e}"
+    );
+    assert_eq!(
+        u.messages("INBOX").unwrap().len(),
+        1,
+        "nothing half-delivered"
+    );
     u.deliver("INBOX", &[b'x'; 600], 0).unwrap(); // 0 = unlimited
 }
 
@@ -90,10 +117,34 @@ fn expunge_removes_rows_then_files() {
 #[test]
 fn names_cannot_leave_the_mail_root() {
     let (_d, s) = store();
-    for bad in ["../x@example.test", "a@../../etc", "a/b@example.test", ".a@example.test", "a@example.test/..", "A@example.test", "noat", "a@", "@example.test", "a@exa mple.test", "a\0@example.test"] {
-        assert!(matches!(s.user(bad, 1), Err(StoreError::InvalidName(_))), "{bad}");
+    for bad in [
+        "../x@example.test",
+        "a@../../etc",
+        "a/b@example.test",
+        ".a@example.test",
+        "a@example.test/..",
+        "A@example.test",
+        "noat",
+        "a@",
+        "@example.test",
+        "a@exa mple.test",
+        "a\0@example.test",
+    ] {
+        assert!(
+            matches!(s.user(bad, 1), Err(StoreError::InvalidName(_))),
+            "{bad}"
+        );
     }
-    for (name, dir) in [("INBOX", ""), ("Junk", ".Junk"), ("a/b", ".a.b"), ("..", ".%2E%2E"), ("cur", ".cur"), ("x\r\n", ".x%0D%0A"), ("~/x", ".%7E.x"), ("Entwürfe", ".Entw%C3%BCrfe")] {
+    for (name, dir) in [
+        ("INBOX", ""),
+        ("Junk", ".Junk"),
+        ("a/b", ".a.b"),
+        ("..", ".%2E%2E"),
+        ("cur", ".cur"),
+        ("x\r\n", ".x%0D%0A"),
+        ("~/x", ".%7E.x"),
+        ("Entwürfe", ".Entw%C3%BCrfe"),
+    ] {
         assert_eq!(index::folder_dir(name), dir, "{name}");
     }
 }
