@@ -736,8 +736,8 @@ mod tests {
             (
                 "用户@例子.广告",
                 true,
-                "用户@xn--fsqu00a.xn--3lr804guic",
-                "用户@xn--fsqu00a.xn--3lr804guic",
+                "用户@xn--fsqu00a.xn--4rr70v",
+                "用户@xn--fsqu00a.xn--4rr70v",
             ),
             (
                 "user@[192.0.2.1]",
@@ -828,7 +828,9 @@ mod tests {
             ("user@x_y.example", E::InvalidDomainChar('_')),
             ("user@x@y.example", E::InvalidDomainChar('@')),
             ("a@b@c.example", E::InvalidDomainChar('@')),
-            ("user@xn--.example", E::InvalidIdn),
+            ("user@xn--.example", E::LabelHyphen),
+            ("user@xn--zz.example", E::InvalidIdn),
+            ("user@xn--ab.example", E::InvalidIdn),
             ("user@xn--a-ecp.example", E::InvalidIdn),
             ("user@[192.0.2.300]", E::InvalidAddressLiteral),
             ("user@[192.0.2.1", E::InvalidAddressLiteral),

@@ -21,6 +21,7 @@ pub mod address;
 pub mod config;
 pub mod location;
 pub mod net;
+pub mod pop3;
 pub mod smtp;
 pub mod tls;
 

@@ -7,6 +7,7 @@
 //! user's password. Nothing else reaches the disk.
 
 mod lmtp;
+mod pop3;
 mod settings;
 pub mod store;
 
@@ -47,12 +48,14 @@ pub(crate) struct Filer {
     pub(crate) settings: Arc<Settings>,
     pub(crate) directory: Arc<dyn Directory>,
     pub(crate) store: Arc<store::Store>,
-    #[allow(dead_code)] // TODO(#3): the POP3 trusted login
     pub(crate) proxy_secret: String,
+    pub(crate) pop3_locks: pop3::Locks,
 }
 
 /// Most concurrent LMTP sessions.
 const MAX_LMTP_SESSIONS: usize = 200;
+/// Most concurrent POP3 sessions.
+const MAX_POP3_SESSIONS: usize = 5000;
 
 /// Serves LMTP (and POP3 and IMAP as they are built) until `shutdown` is cancelled.
 pub async fn serve(
@@ -75,11 +78,41 @@ pub async fn serve(
         directory,
         store,
         proxy_secret,
+        pop3_locks: pop3::Locks::default(),
     });
     let mut tasks = tokio::task::JoinSet::new();
-    // TODO(#4): IMAP. Until then the IMAP listener is held, so its port stays reserved.
-    let _imap = listeners.imap;
-    let _pop3 = listeners.pop3;
+    if let Some(l) = listeners.imap {
+        // TODO(#4): the IMAP backend. Until then a connection is told so at once, never left
+        // hanging.
+        let opts = AcceptOptions {
+            protocol: "imap",
+            max_connections: 100,
+            busy_reply: b"* BYE [UNAVAILABLE] too many connections\r\n",
+            trusted: Some(settings.shared.proxy_networks.clone()),
+            untrusted_reply: b"* BYE [UNAVAILABLE] this server is reached through the access proxy\r\n",
+            shutdown_grace: settings.shared.shutdown_grace,
+        };
+        tasks.spawn(accept_loop(l, opts, shutdown.clone(), |mut stream, _peer, _id| async move {
+            use tokio::io::AsyncWriteExt as _;
+            let _ = stream.write_all(b"* BYE [UNAVAILABLE] IMAP is not available on this filer yet\r\n").await;
+        }));
+    }
+    if let Some(l) = listeners.pop3 {
+        let opts = AcceptOptions {
+            protocol: "pop3",
+            max_connections: MAX_POP3_SESSIONS,
+            busy_reply: b"-ERR [SYS/TEMP] too many connections, try again later\r\n",
+            trusted: Some(settings.shared.proxy_networks.clone()),
+            untrusted_reply: b"-ERR [AUTH] this server is reached through the access proxy\r\n",
+            shutdown_grace: settings.shared.shutdown_grace,
+        };
+        let f = filer.clone();
+        let token = shutdown.clone();
+        tasks.spawn(accept_loop(l, opts, shutdown.clone(), move |stream, _peer, _id| {
+            let (f, token) = (f.clone(), token.clone());
+            async move { pop3::session(f, Box::new(stream), token).await }
+        }));
+    }
     if let Some(l) = listeners.lmtp {
         let opts = AcceptOptions {
             protocol: "lmtp",
