@@ -145,16 +145,16 @@ where
             },
         };
         let _ = stream.set_nodelay(true);
-        if let Some(trusted) = &opts.trusted {
-            if !trusted.contains(peer.ip()) {
-                tracing::warn!(protocol = opts.protocol, %peer, "refused an untrusted peer");
-                let reply = opts.untrusted_reply;
-                tasks.spawn(async move {
-                    let mut stream = stream;
-                    let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(reply)).await;
-                });
-                continue;
-            }
+        if let Some(trusted) = &opts.trusted
+            && !trusted.contains(peer.ip())
+        {
+            tracing::warn!(protocol = opts.protocol, %peer, "refused an untrusted peer");
+            let reply = opts.untrusted_reply;
+            tasks.spawn(async move {
+                let mut stream = stream;
+                let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(reply)).await;
+            });
+            continue;
         }
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             tracing::warn!(protocol = opts.protocol, %peer, "too many connections");
@@ -177,8 +177,14 @@ where
         );
     }
     tasks.close();
-    if tokio::time::timeout(opts.shutdown_grace, tasks.wait()).await.is_err() {
-        tracing::warn!(protocol = opts.protocol, "sessions still running after the shutdown grace period");
+    if tokio::time::timeout(opts.shutdown_grace, tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            protocol = opts.protocol,
+            "sessions still running after the shutdown grace period"
+        );
     }
     Ok(())
 }

@@ -50,7 +50,10 @@ impl fmt::Debug for Request {
         match self {
             Self::User(u) => write!(f, "USER {u}"),
             Self::Pass(_) => write!(f, "PASS <redacted>"),
-            Self::Auth { mechanism, initial_response } => {
+            Self::Auth {
+                mechanism,
+                initial_response,
+            } => {
                 write!(f, "AUTH {}", mechanism.as_deref().unwrap_or(""))?;
                 if initial_response.is_some() {
                     write!(f, " <redacted>")?;
@@ -99,8 +102,19 @@ pub fn parse(line: &[u8]) -> Result<Request, ParseError> {
         None => (line, ""),
     };
     let args: Vec<&str> = rest.split(' ').filter(|a| !a.is_empty()).collect();
-    let num = |s: &str| s.parse::<u32>().ok().filter(|n| *n > 0).ok_or(ParseError::Arguments);
-    let none = |r: Request| if args.is_empty() { Ok(r) } else { Err(ParseError::Arguments) };
+    let num = |s: &str| {
+        s.parse::<u32>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or(ParseError::Arguments)
+    };
+    let none = |r: Request| {
+        if args.is_empty() {
+            Ok(r)
+        } else {
+            Err(ParseError::Arguments)
+        }
+    };
     let opt_num = || match args.as_slice() {
         [] => Ok(None),
         [n] => num(n).map(Some),
@@ -119,11 +133,18 @@ pub fn parse(line: &[u8]) -> Result<Request, ParseError> {
         "PASS" if !rest.is_empty() => Ok(Request::Pass(rest.to_owned())),
         "PASS" => Err(ParseError::Arguments),
         "AUTH" => match args.as_slice() {
-            [] => Ok(Request::Auth { mechanism: None, initial_response: None }),
-            [m] => Ok(Request::Auth { mechanism: Some(m.to_ascii_uppercase()), initial_response: None }),
-            [m, ir] => {
-                Ok(Request::Auth { mechanism: Some(m.to_ascii_uppercase()), initial_response: Some((*ir).to_owned()) })
-            }
+            [] => Ok(Request::Auth {
+                mechanism: None,
+                initial_response: None,
+            }),
+            [m] => Ok(Request::Auth {
+                mechanism: Some(m.to_ascii_uppercase()),
+                initial_response: None,
+            }),
+            [m, ir] => Ok(Request::Auth {
+                mechanism: Some(m.to_ascii_uppercase()),
+                initial_response: Some((*ir).to_owned()),
+            }),
             _ => Err(ParseError::Arguments),
         },
         "CAPA" => none(Request::Capa),
@@ -135,7 +156,10 @@ pub fn parse(line: &[u8]) -> Result<Request, ParseError> {
         "NOOP" => none(Request::Noop),
         "RSET" => none(Request::Rset),
         "TOP" => match args.as_slice() {
-            [n, l] => Ok(Request::Top(num(n)?, l.parse().map_err(|_| ParseError::Arguments)?)),
+            [n, l] => Ok(Request::Top(
+                num(n)?,
+                l.parse().map_err(|_| ParseError::Arguments)?,
+            )),
             _ => Err(ParseError::Arguments),
         },
         "UIDL" => opt_num().map(Request::Uidl),
@@ -175,8 +199,14 @@ mod tests {
     #[test]
     fn parses_commands() {
         let table: &[(&[u8], Result<Request, ParseError>)] = &[
-            (b"USER a@example.test\r\n", Ok(Request::User("a@example.test".into()))),
-            (b"pass with spaces inside\r\n", Ok(Request::Pass("with spaces inside".into()))),
+            (
+                b"USER a@example.test\r\n",
+                Ok(Request::User("a@example.test".into())),
+            ),
+            (
+                b"pass with spaces inside\r\n",
+                Ok(Request::Pass("with spaces inside".into())),
+            ),
             (b"STAT\r\n", Ok(Request::Stat)),
             (b"list\r\n", Ok(Request::List(None))),
             (b"LIST 3\r\n", Ok(Request::List(Some(3)))),
@@ -186,8 +216,20 @@ mod tests {
             (b"RETR\r\n", Err(ParseError::Arguments)),
             (b"TOP 2 0\r\n", Ok(Request::Top(2, 0))),
             (b"UIDL\r\n", Ok(Request::Uidl(None))),
-            (b"AUTH plain AGEAYg==\r\n", Ok(Request::Auth { mechanism: Some("PLAIN".into()), initial_response: Some("AGEAYg==".into()) })),
-            (b"AUTH\r\n", Ok(Request::Auth { mechanism: None, initial_response: None })),
+            (
+                b"AUTH plain AGEAYg==\r\n",
+                Ok(Request::Auth {
+                    mechanism: Some("PLAIN".into()),
+                    initial_response: Some("AGEAYg==".into()),
+                }),
+            ),
+            (
+                b"AUTH\r\n",
+                Ok(Request::Auth {
+                    mechanism: None,
+                    initial_response: None,
+                }),
+            ),
             (b"QUIT now\r\n", Err(ParseError::Arguments)),
             (b"XYZZY\r\n", Err(ParseError::Unknown)),
             (b"RETR \x001\r\n", Err(ParseError::Invalid)),
@@ -201,7 +243,10 @@ mod tests {
 
     #[test]
     fn secrets_are_redacted_in_debug() {
-        assert_eq!(format!("{:?}", parse(b"PASS hunter2").unwrap()), "PASS <redacted>");
+        assert_eq!(
+            format!("{:?}", parse(b"PASS hunter2").unwrap()),
+            "PASS <redacted>"
+        );
         let auth = format!("{:?}", parse(b"AUTH PLAIN c2VjcmV0").unwrap());
         assert!(!auth.contains("c2VjcmV0"), "{auth}");
     }

@@ -89,13 +89,21 @@ pub async fn serve(
             max_connections: 100,
             busy_reply: b"* BYE [UNAVAILABLE] too many connections\r\n",
             trusted: Some(settings.shared.proxy_networks.clone()),
-            untrusted_reply: b"* BYE [UNAVAILABLE] this server is reached through the access proxy\r\n",
+            untrusted_reply:
+                b"* BYE [UNAVAILABLE] this server is reached through the access proxy\r\n",
             shutdown_grace: settings.shared.shutdown_grace,
         };
-        tasks.spawn(accept_loop(l, opts, shutdown.clone(), |mut stream, _peer, _id| async move {
-            use tokio::io::AsyncWriteExt as _;
-            let _ = stream.write_all(b"* BYE [UNAVAILABLE] IMAP is not available on this filer yet\r\n").await;
-        }));
+        tasks.spawn(accept_loop(
+            l,
+            opts,
+            shutdown.clone(),
+            |mut stream, _peer, _id| async move {
+                use tokio::io::AsyncWriteExt as _;
+                let _ = stream
+                    .write_all(b"* BYE [UNAVAILABLE] IMAP is not available on this filer yet\r\n")
+                    .await;
+            },
+        ));
     }
     if let Some(l) = listeners.pop3 {
         let opts = AcceptOptions {
@@ -108,10 +116,15 @@ pub async fn serve(
         };
         let f = filer.clone();
         let token = shutdown.clone();
-        tasks.spawn(accept_loop(l, opts, shutdown.clone(), move |stream, _peer, _id| {
-            let (f, token) = (f.clone(), token.clone());
-            async move { pop3::session(f, Box::new(stream), token).await }
-        }));
+        tasks.spawn(accept_loop(
+            l,
+            opts,
+            shutdown.clone(),
+            move |stream, _peer, _id| {
+                let (f, token) = (f.clone(), token.clone());
+                async move { pop3::session(f, Box::new(stream), token).await }
+            },
+        ));
     }
     if let Some(l) = listeners.lmtp {
         let opts = AcceptOptions {

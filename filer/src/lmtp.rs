@@ -400,10 +400,10 @@ async fn check_recipient(
         let usage =
             tokio::task::spawn_blocking(move || store.user(&addr, seed).and_then(|u| u.usage()))
                 .await;
-        if let Ok(Ok(used)) = usage {
-            if used + size > mailbox.quota {
-                return Err(Reply::temp(452, "4.2.2", "mailbox full"));
-            }
+        if let Ok(Ok(used)) = usage
+            && used + size > mailbox.quota
+        {
+            return Err(Reply::temp(452, "4.2.2", "mailbox full"));
         }
     }
     Ok(mailbox)

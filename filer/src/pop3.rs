@@ -51,7 +51,10 @@ impl Drop for LockGuard {
 
 fn try_lock(filer: &Arc<Filer>, address: &str) -> Option<LockGuard> {
     let mut set = filer.pop3_locks.0.lock().ok()?;
-    set.insert(address.to_owned()).then(|| LockGuard { locks: filer.clone(), address: address.to_owned() })
+    set.insert(address.to_owned()).then(|| LockGuard {
+        locks: filer.clone(),
+        address: address.to_owned(),
+    })
 }
 
 struct Maildrop {
@@ -94,7 +97,14 @@ enum Input {
 
 impl Conn {
     fn new(stream: BoxStream) -> Self {
-        Self { stream, lines: LineDecoder::new(pop3::MAX_LINE_LEN), buf: vec![0; 16 * 1024], pos: 0, len: 0, out: Vec::new() }
+        Self {
+            stream,
+            lines: LineDecoder::new(pop3::MAX_LINE_LEN),
+            buf: vec![0; 16 * 1024],
+            pos: 0,
+            len: 0,
+            out: Vec::new(),
+        }
     }
 
     fn say(&mut self, text: &str) {
@@ -202,8 +212,13 @@ pub(crate) async fn session(filer: Arc<Filer>, stream: BoxStream, shutdown: Canc
                     c.say("-ERR [AUTH] plaintext login is not available here; connect through the access proxy");
                 }
                 Request::Stls => c.say("-ERR STLS is not available here"),
-                Request::Auth { mechanism: None, .. } => c.say("+OK\r\nPLAIN\r\n."),
-                Request::Auth { mechanism: Some(m), initial_response } => {
+                Request::Auth {
+                    mechanism: None, ..
+                } => c.say("+OK\r\nPLAIN\r\n."),
+                Request::Auth {
+                    mechanism: Some(m),
+                    initial_response,
+                } => {
                     if m != "PLAIN" {
                         c.say("-ERR [AUTH] unsupported mechanism");
                         continue;
@@ -271,14 +286,20 @@ async fn login(filer: &Arc<Filer>, response: &[u8]) -> Result<Maildrop, &'static
     if text == "*" {
         return Err("-ERR authentication cancelled");
     }
-    let raw = base64::engine::general_purpose::STANDARD.decode(text).map_err(|_| BAD)?;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .map_err(|_| BAD)?;
     let mut parts = raw.split(|&b| b == 0);
-    let (Some(authz), Some(authc), Some(secret), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(authz), Some(authc), Some(secret), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return Err(BAD);
     };
     let principal = filer.settings.shared.proxy_principal.as_bytes();
-    if authc != principal || !constant_time_eq(secret, filer.proxy_secret.as_bytes()) || authz.is_empty() {
+    if authc != principal
+        || !constant_time_eq(secret, filer.proxy_secret.as_bytes())
+        || authz.is_empty()
+    {
         tracing::warn!("refused a login that is not the proxy's trusted login");
         return Err(BAD);
     }
@@ -293,14 +314,21 @@ async fn login(filer: &Arc<Filer>, response: &[u8]) -> Result<Maildrop, &'static
     }
     match mailbox.state {
         MailboxState::Active => {}
-        MailboxState::Moving => return Err("-ERR [SYS/TEMP] mailbox is being moved, try again later"),
+        MailboxState::Moving => {
+            return Err("-ERR [SYS/TEMP] mailbox is being moved, try again later");
+        }
         MailboxState::Disabled => return Err("-ERR [AUTH] mailbox disabled"),
     }
-    let lock = try_lock(filer, &mailbox.address).ok_or("-ERR [IN-USE] mailbox is locked by another session")?;
+    let lock = try_lock(filer, &mailbox.address)
+        .ok_or("-ERR [IN-USE] mailbox is locked by another session")?;
     let store = filer.store.clone();
     let opened = tokio::task::spawn_blocking(move || {
         let user = store.user(&mailbox.address, mailbox.uidvalidity_seed)?;
-        let uv = user.folders()?.into_iter().find(|f| f.name == "INBOX").map_or(0, |f| f.uid_validity);
+        let uv = user
+            .folders()?
+            .into_iter()
+            .find(|f| f.name == "INBOX")
+            .map_or(0, |f| f.uid_validity);
         let messages = user.messages("INBOX")?;
         Ok::<_, crate::store::StoreError>((user, uv, messages))
     })
@@ -308,7 +336,13 @@ async fn login(filer: &Arc<Filer>, response: &[u8]) -> Result<Maildrop, &'static
     match opened {
         Ok(Ok((user, uid_validity, messages))) => {
             let deleted = vec![false; messages.len()];
-            Ok(Maildrop { user, uid_validity, messages, deleted, _lock: lock })
+            Ok(Maildrop {
+                user,
+                uid_validity,
+                messages,
+                deleted,
+                _lock: lock,
+            })
         }
         Ok(Err(e)) => {
             tracing::error!(error = %e, "cannot open the maildrop");
@@ -393,7 +427,13 @@ async fn transaction(c: &mut Conn, d: &mut Maildrop, request: Request) -> io::Re
         }
         Request::Quit => {
             // The UPDATE state (RFC 1939 §6): only now are deleted messages removed.
-            let uids: Vec<u32> = d.messages.iter().zip(&d.deleted).filter(|(_, del)| **del).map(|(m, _)| m.uid).collect();
+            let uids: Vec<u32> = d
+                .messages
+                .iter()
+                .zip(&d.deleted)
+                .filter(|(_, del)| **del)
+                .map(|(m, _)| m.uid)
+                .collect();
             let user = d.user.clone();
             let removed = tokio::task::spawn_blocking(move || user.expunge("INBOX", &uids)).await;
             match removed {
@@ -405,14 +445,21 @@ async fn transaction(c: &mut Conn, d: &mut Maildrop, request: Request) -> io::Re
             }
             return Ok(false);
         }
-        Request::User(_) | Request::Pass(_) | Request::Auth { .. } => c.say("-ERR already authenticated"),
+        Request::User(_) | Request::Pass(_) | Request::Auth { .. } => {
+            c.say("-ERR already authenticated")
+        }
         Request::Stls => c.say("-ERR STLS is not available here"),
     }
     Ok(true)
 }
 
 fn live(d: &Maildrop) -> impl Iterator<Item = (usize, &MessageMeta)> {
-    d.messages.iter().zip(&d.deleted).enumerate().filter(|(_, (_, del))| !**del).map(|(i, (m, _))| (i + 1, m))
+    d.messages
+        .iter()
+        .zip(&d.deleted)
+        .enumerate()
+        .filter(|(_, (_, del))| !**del)
+        .map(|(i, (m, _))| (i + 1, m))
 }
 
 /// Streams a message file, dot-stuffed; with `top`, only the headers, the blank line and that

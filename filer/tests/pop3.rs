@@ -20,20 +20,34 @@ async fn poplib_session() {
     let port = f.pop3.port().to_string();
     let out = tokio::task::spawn_blocking(move || {
         Command::new("python3")
-            .args([script, "127.0.0.1", &port, "a@example.test", "proxy", SECRET])
+            .args([
+                script,
+                "127.0.0.1",
+                &port,
+                "a@example.test",
+                "proxy",
+                SECRET,
+            ])
             .output()
             .unwrap()
     })
     .await
     .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(stdout.trim(), "ok");
 }
 
 #[tokio::test]
 async fn untrusted_network_is_refused_at_connect() {
-    let f = start(|s| s.proxy_networks = common::net::Networks::new(vec!["192.0.2.0/24".parse().unwrap()])).await;
+    let f = start(|s| {
+        s.proxy_networks = common::net::Networks::new(vec!["192.0.2.0/24".parse().unwrap()])
+    })
+    .await;
     play_lines(f.pop3, "S: -ERR [AUTH]\nS: <closed>\n").await;
 }
 

@@ -94,10 +94,10 @@ fn check_listen_conflicts(filers: &[Arc<filer::Settings>], p: &mut Problems) {
         for (what, addr) in [("lmtp", f.lmtp), ("imap", f.imap), ("pop3", f.pop3)] {
             let Some(addr) = addr else { continue };
             let key = format!("filers[{i}].{what}");
-            if addr.port() != 0 {
-                if let Some((_, other)) = seen.iter().find(|(a, _)| *a == addr) {
-                    p.push(&key, format!("{addr} is already used by {other}"));
-                }
+            if addr.port() != 0
+                && let Some((_, other)) = seen.iter().find(|(a, _)| *a == addr)
+            {
+                p.push(&key, format!("{addr} is already used by {other}"));
             }
             seen.push((addr, key));
         }

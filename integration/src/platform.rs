@@ -176,10 +176,10 @@ impl Running {
             result = service_result(done);
         }
         while let Some(done) = self.tasks.join_next().await {
-            if let Err(e) = service_result(done) {
-                if result.is_ok() {
-                    result = Err(e);
-                }
+            if let Err(e) = service_result(done)
+                && result.is_ok()
+            {
+                result = Err(e);
             }
         }
         result

@@ -170,10 +170,10 @@ impl Sqlite {
                 None => connect(&inner.path)?,
             };
             let out = f(&mut conn);
-            if let Ok(mut idle) = inner.idle.lock() {
-                if idle.len() < MAX_IDLE_CONNECTIONS {
-                    idle.push(conn);
-                }
+            if let Ok(mut idle) = inner.idle.lock()
+                && idle.len() < MAX_IDLE_CONNECTIONS
+            {
+                idle.push(conn);
             }
             out
         })

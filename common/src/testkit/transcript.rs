@@ -16,7 +16,7 @@
 //! S: <closed>
 //! ```
 //!
-//! - `C: text` sends `text` and CRLF.
+//! - `C: text` sends `text` and CRLF (`C:` alone sends an empty line).
 //! - `R: bytes` sends raw bytes with the escapes `\r`, `\n`, `\t`, `\0`, `\\` and `\xNN`, and
 //!   appends nothing.
 //! - Consecutive `C:` and `R:` lines are sent in one write, so they arrive pipelined.
@@ -249,7 +249,9 @@ fn parse(script: &str) -> Result<Vec<Step>, TranscriptError> {
         if text.trim().is_empty() || text.starts_with('#') {
             continue;
         }
-        let kind = if let Some(rest) = text.strip_prefix("C: ") {
+        let kind = if text == "C:" {
+            Kind::Send(b"\r\n".to_vec())
+        } else if let Some(rest) = text.strip_prefix("C: ") {
             Kind::Send([rest.as_bytes(), b"\r\n"].concat())
         } else if let Some(rest) = text.strip_prefix("R: ") {
             Kind::Send(unescape(rest).map_err(bad)?)

@@ -94,10 +94,10 @@ pub(super) fn list(dir: &Path) -> Result<Vec<String>, StoreError> {
     let mut names = Vec::new();
     for entry in rd {
         let entry = entry.map_err(io("listing", dir))?;
-        if entry.file_type().map(|t| t.is_file()).unwrap_or(false) {
-            if let Ok(n) = entry.file_name().into_string() {
-                names.push(n);
-            }
+        if entry.file_type().map(|t| t.is_file()).unwrap_or(false)
+            && let Ok(n) = entry.file_name().into_string()
+        {
+            names.push(n);
         }
     }
     Ok(names)

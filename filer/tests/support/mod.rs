@@ -1,13 +1,15 @@
 //! What the filer's integration tests share: a filer on ephemeral ports over a fresh
 //! database and mail root.
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
 use common::config::{ByteSize, Shared};
-use common::location::{Credentials, Directory, Filer, FilerState, MailboxState, NewMailbox, Sqlite};
+use common::location::{
+    Credentials, Directory, Filer, FilerState, MailboxState, NewMailbox, Sqlite,
+};
 use common::testkit::transcript;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -124,7 +126,6 @@ pub async fn play(addr: SocketAddr, script: &str) {
     }
 }
 
-
 /// Plays a line-protocol script (POP3): `C: text` sends a line, `S: prefix` reads one line and
 /// matches its start, `S: <closed>` expects EOF. Every read has a deadline.
 pub async fn play_lines(addr: SocketAddr, script: &str) {
@@ -138,13 +139,22 @@ pub async fn play_lines(addr: SocketAddr, script: &str) {
             w.write_all(format!("{c}\r\n").as_bytes()).await.unwrap();
         } else if let Some(expect) = line.strip_prefix("S: ") {
             let mut got = String::new();
-            let read = tokio::time::timeout(std::time::Duration::from_secs(10), r.read_line(&mut got)).await;
-            let read = read.unwrap_or_else(|_| panic!("line {n}: no reply within 10 s, expected {expect:?}"));
+            let read =
+                tokio::time::timeout(std::time::Duration::from_secs(10), r.read_line(&mut got))
+                    .await;
+            let read = read
+                .unwrap_or_else(|_| panic!("line {n}: no reply within 10 s, expected {expect:?}"));
             let len = read.unwrap_or(0);
             if expect == "<closed>" {
-                assert_eq!(len, 0, "line {n}: expected the connection to close, got {got:?}");
+                assert_eq!(
+                    len, 0,
+                    "line {n}: expected the connection to close, got {got:?}"
+                );
             } else {
-                assert!(got.starts_with(expect), "line {n}: expected {expect:?}, got {got:?}");
+                assert!(
+                    got.starts_with(expect),
+                    "line {n}: expected {expect:?}, got {got:?}"
+                );
             }
         }
     }

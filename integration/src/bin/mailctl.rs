@@ -199,13 +199,14 @@ async fn up(settings: PlatformSettings) -> anyhow::Result<ExitCode> {
         )
         .init();
     let data_dir = settings.shared.data_dir.clone();
-    if let Some(info) = runfile::read(&data_dir)? {
-        if runfile::is_alive(info.pid) && info.pid != std::process::id() {
-            bail!(
-                "mailctl up is already running with this data directory (pid {})",
-                info.pid
-            );
-        }
+    if let Some(info) = runfile::read(&data_dir)?
+        && runfile::is_alive(info.pid)
+        && info.pid != std::process::id()
+    {
+        bail!(
+            "mailctl up is already running with this data directory (pid {})",
+            info.pid
+        );
     }
     let running = platform::start(settings).await?;
     for l in &running.listeners {

@@ -195,14 +195,14 @@ fn up_then_status_reports_it() {
         .spawn()
         .unwrap();
     // Wait (with a deadline) for the run file that `up` writes once it listens.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let status = loop {
         let out = mailctl(d, &["-c", "mail.toml", "status", "--json"], None);
         if out.status.success() {
             break serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap();
         }
         assert!(
-            std::time::Instant::now() < deadline,
+            tokio::time::Instant::now() < deadline,
             "status never reported a running platform: {out:?}"
         );
         std::thread::yield_now();

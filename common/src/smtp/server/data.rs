@@ -158,10 +158,13 @@ mod tests {
         (out, None)
     }
 
+    /// Input, decoded text, and the rest after the end mark (`None` when not ended).
+    type Case = (&'static [u8], &'static [u8], Option<&'static [u8]>);
+
     #[test]
     fn table_whole_and_in_chunks() {
         // (input, decoded text, rest after the end mark or None when not ended)
-        let table: &[(&[u8], &[u8], Option<&[u8]>)] = &[
+        let table: &[Case] = &[
             (b".\r\n", b"", Some(b"")),
             (b"a\r\n.\r\nQUIT\r\n", b"a\r\n", Some(b"QUIT\r\n")),
             (b"..a\r\n.b\r\n..\r\n.\r\n", b".a\r\nb\r\n.\r\n", Some(b"")),

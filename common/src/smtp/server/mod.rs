@@ -703,13 +703,50 @@ fn parse_command(line: &[u8]) -> Result<Command, SyntaxError> {
         return Err(SyntaxError::Malformed);
     }
     match Request::parse(&mut line.iter()) {
-        Ok(request) => Ok(Command::Request(request.into_owned())),
+        Ok(request) => check_numbers(request.into_owned(), text).map(Command::Request),
         Err(smtp_proto::Error::UnknownCommand) => Ok(Command::Unknown {
             verb: verb.to_ascii_uppercase(),
             line: text.to_owned(),
         }),
         Err(e) => Err(syntax_error(e)),
     }
+}
+
+/// smtp-proto 0.2.5 wraps a number past `usize::MAX` around (`BDAT 99999999999999999999999`
+/// reads as `BDAT 999`), which would make the rest of a chunk run as commands. We check the
+/// digits ourselves: a BDAT size must be exact, and a MAIL `SIZE=` too large to count is over
+/// any limit.
+fn check_numbers(request: Request<String>, text: &str) -> Result<Request<String>, SyntaxError> {
+    match request {
+        Request::Bdat { chunk_size, .. } => {
+            let arg = text.split_ascii_whitespace().nth(1).unwrap_or_default();
+            if exact_number(arg) != u64::try_from(chunk_size).ok() {
+                return Err(SyntaxError::Usage("BDAT chunk-size [LAST]"));
+            }
+            Ok(request)
+        }
+        Request::Mail { mut from } => {
+            let overflows = text.split_ascii_whitespace().any(|param| {
+                param
+                    .get(..5)
+                    .is_some_and(|key| key.eq_ignore_ascii_case("SIZE="))
+                    && exact_number(param.get(5..).unwrap_or_default()).is_none()
+            });
+            if overflows {
+                from.size = usize::MAX;
+            }
+            Ok(Request::Mail { from })
+        }
+        request => Ok(request),
+    }
+}
+
+/// A decimal number of digits only, if it fits in a `u64`.
+fn exact_number(digits: &str) -> Option<u64> {
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
 }
 
 /// The line without its line ending, if it is UTF-8 without control characters. A bare CR

@@ -126,7 +126,7 @@ async fn a_1_mb_line_without_crlf_is_never_buffered_and_the_session_goes_on() {
         Err(ReadError::LineTooLong)
     ));
     // Reported as soon as the limit was passed, after one read of the socket.
-    assert_eq!(conn.end, 64 * 1024);
+    assert_eq!(conn.end, READ_BUF_SIZE);
     conn.reply(&ReadError::LineTooLong.reply().unwrap());
     let command = conn.read_command().await.unwrap();
     assert!(
@@ -157,7 +157,7 @@ async fn chunked_reads_give_the_same_session() {
         r#"Ehlo { host: "client.example" }"#,
         "Mail",
         "Rcpt",
-        r#"DATA Ok(Complete { size: 36 }) "line 1\r\n.dot\r\nbare\r\nlf\r\n\u{fffd}\0\r\n""#,
+        "DATA Ok(Complete { size: 28 }) \"line 1\\r\\n.dot\\r\\nbare\\r\\nlf\\r\\n\u{fffd}\\0\\r\\n\"",
         r#"Unknown { verb: "XFORWARD", line: "XFORWARD NAME=spike.example" }"#,
         "error Syntax(ControlChar)",
         "error Syntax(InvalidUtf8)",
@@ -256,7 +256,7 @@ async fn a_failing_sink_never_lets_the_body_run_as_commands() {
     let (mut conn, _) = scripted(input, 3, Limits::default());
     let end = conn.read_data(&mut FailingSink { ok: 2 }).await.unwrap();
     assert!(
-        matches!(end, DataEnd::SinkFailed { size: 38, .. }),
+        matches!(end, DataEnd::SinkFailed { size: 36, .. }),
         "{end:?}"
     );
     assert_eq!(end.reply().unwrap().code, 451);
@@ -268,7 +268,15 @@ async fn a_failing_sink_never_lets_the_body_run_as_commands() {
 async fn syntax_errors_map_to_their_replies() {
     let cases: &[(&[u8], &str)] = &[
         (b"\r\n", "500 5.5.2"),
-        (b"MAIL FROM:<a@b\r\n", "501 5.1.7"),
+        (b"MAIL FROM:<a b@c>\r\n", "501 5.1.7"),
+        (b"MAIL FROM:<a@b\r\n", "501 5.5.4"),
+        (
+            b"MAIL FROM:<a@b.c> SIZE=x\r\n",
+            "501 5.5.4 invalid parameter SIZE",
+        ),
+        // smtp-proto 0.2.5 reads this as BDAT 999.
+        (b"BDAT 99999999999999999999999\r\n", "501 5.5.4"),
+        (b"BDAT +5\r\n", "501 5.5.4"),
         (b"RCPT TO:<@@>\r\n", "501 5.1.3"),
         (b"MAIL FROM:<a@example.com> FOO=1\r\n", "555 5.5.4"),
         (b"EHLO\r\n", "501 5.5.4"),
@@ -355,9 +363,13 @@ async fn a_slow_client_cannot_stretch_one_command() {
     trickle.await.unwrap().unwrap();
 }
 
-#[test]
-fn zz_probe() {
-    for l in [&b"MAIL FROM:<a@b\r\n"[..], b"MAIL FROM:<a b@c>\r\n", b"MAIL FROM:<@@>\r\n", b"MAIL FROM:<\"a@b>\r\n", b"MAIL FROM:<a@>\r\n", b"RCPT TO:<a@>\r\n", b"RCPT TO:<@@>\r\n", b"RCPT TO:<>\r\n", b"MAIL FROM:<a@b.c> SIZE=x\r\n", b"noop\n", b"DATA\n", b"MAIL FROM:<a@b.c> BODY=8BITMIME\n", b"BDAT 99999999999999999999999\r\n"] {
-        println!("{:?} -> {:?}", String::from_utf8_lossy(l), parse_command(l));
-    }
+#[tokio::test]
+async fn a_mail_size_too_large_to_count_is_over_any_limit() {
+    // smtp-proto 0.2.5 wraps this around to a small number.
+    let line = b"MAIL FROM:<a@example.com> SIZE=99999999999999999999999\r\n";
+    let (mut conn, _) = scripted(line, line.len(), Limits::default());
+    let Command::Request(Request::Mail { from }) = conn.read_command().await.unwrap() else {
+        panic!("not a MAIL command");
+    };
+    assert_eq!(from.size, usize::MAX);
 }

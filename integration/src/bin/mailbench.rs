@@ -1,0 +1,1476 @@
+//! `mailbench`: a load generator for LMTP delivery, and a probe of the disk's fsync rate.
+//!
+//! It carries its own minimal LMTP client, so that it does not depend on the code it measures.
+//! Targets must be loopback addresses unless `--allow-remote` is given.
+//!
+//! # `mailbench lmtp HOST:PORT`
+//!
+//! ```text
+//! mailbench lmtp 127.0.0.1:22024 --messages 20000 --sessions 20 --size 4096 \
+//!     --rcpts-per-msg 1 --user-fmt 'user%04d@example.test' --user-count 1000 [--json]
+//! ```
+//!
+//! Opens `--sessions` LMTP connections (RFC 2033) on one tokio runtime. Each session says LHLO
+//! once and then sends messages back to back on its connection, until `--messages` have been
+//! started in total or `--max-seconds` have passed:
+//!
+//! ```text
+//! C: MAIL FROM:<bench@example.net>       ┐ one write when the server offers PIPELINING
+//! C: RCPT TO:<user0042@example.test>     ┘ (RFC 2920); --rcpts-per-msg distinct random users
+//! S: 250 (MAIL), then 250 for each RCPT
+//! C: DATA                       S: 354
+//! C: the message, dot-stuffed, then CRLF.CRLF
+//! S: one reply per accepted recipient (RFC 2033 §4.2)
+//! ```
+//!
+//! A message is `--size` bytes as stored (before dot-stuffing): RFC 5322 headers (From, To,
+//! Subject, Date, Message-ID, MIME-Version, Content-Type), then body lines of at most 76
+//! characters, some of which start with a dot. Recipients come from `--users FILE` (one address
+//! per line) or from `--user-fmt` expanded for `--user-first ..= --user-first + --user-count - 1`.
+//! After an I/O error, a timeout or a `421`, the session reconnects (at most 5 times); the message
+//! in flight then counts as sent but not delivered.
+//!
+//! What the figures mean:
+//! - **delivered msg/s**: messages for which every recipient got a final `250`, divided by the
+//!   wall time. **rcpt/s**: final `250` replies, divided by the wall time.
+//! - **latency p50/p99/max**: from the moment the final `.` CRLF was written until the last
+//!   per-recipient reply arrived: the server's time to store the message (and fsync it), plus a
+//!   loopback round trip. Measured for every message whose DATA got its `354`.
+//! - **errors**: every unexpected reply, keyed `PHASE CODE` (`MAIL`, `RCPT`, `DATA`, `EOM` for
+//!   the replies after the final dot, `RSET`), and transport faults (`connect`, `io`,
+//!   `timeout …`, `protocol …`, `closed 421`). The first fault's detail is printed as well.
+//! - **wall**: from before the first connect until the last session has ended.
+//! - **client CPU**: user+system seconds of this process (Linux `/proc/self/stat`), so that the
+//!   generator's share of a shared machine can be told apart from the server's.
+//!
+//! # `mailbench fsync DIR`
+//!
+//! ```text
+//! mailbench fsync /var/tmp/mb --threads 20 --seconds 5 [--size 4096] [--dir-fsync] [--json]
+//! ```
+//!
+//! `--threads` threads each repeat, in their own directory below `DIR/mailbench-fsync-PID/`:
+//! create a new file, write `--size` bytes, fsync, close (as the anchors' `bench_fsync.py
+//! --mode newfile` does). With `--dir-fsync` the file is created in `tmp/`, renamed to `new/`
+//! and then `new/` is fsync'd too: what a durable Maildir delivery does. Reported: operations
+//! per second, fsync calls per second (1 or 2 per operation) and the latency of one operation
+//! (p50/p99/max). With many threads the journal commits several operations at once (group
+//! commit), so the rate rises while each operation's latency grows. Every file and directory
+//! it made is removed at the end (`DIR` too, if it created it and it is empty).
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, Write as _};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, bail, ensure};
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::time::Instant;
+
+#[derive(Parser)]
+#[command(
+    name = "mailbench",
+    version,
+    about = "Load generator for LMTP delivery, and a probe of the disk's fsync rate"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Deliver messages over concurrent LMTP sessions and report rate and latency.
+    Lmtp(LmtpArgs),
+    /// Measure create+write+fsync+close of new files, optionally with a directory fsync.
+    Fsync(FsyncArgs),
+}
+
+#[derive(Args)]
+struct LmtpArgs {
+    /// The LMTP server, HOST:PORT.
+    target: String,
+    /// Messages to send in total (over all sessions).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    messages: u64,
+    /// Concurrent sessions; each keeps its connection.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    sessions: u64,
+    /// Size of each message in bytes as stored (headers and body, CRLF line ends, before
+    /// dot-stuffing). At least the size of the headers.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    size: u64,
+    /// Distinct random recipients per message.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    rcpts_per_msg: u64,
+    /// File with one recipient address per line (blank lines and `#` comments are skipped).
+    #[arg(long, conflicts_with_all = ["user_fmt", "user_count", "user_first"])]
+    users: Option<PathBuf>,
+    /// Recipient pattern: `%d`, `%4d` or `%04d` is replaced by the user number, `%%` by `%`.
+    #[arg(long, default_value = "user%04d@example.test")]
+    user_fmt: String,
+    /// How many users `--user-fmt` makes.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    user_count: u32,
+    /// The first user number.
+    #[arg(long, default_value_t = 1)]
+    user_first: u32,
+    /// Reverse path of every message, and its From: header.
+    #[arg(long, default_value = "bench@example.net")]
+    from: String,
+    /// Name given in LHLO (also the domain of the Message-IDs).
+    #[arg(long, default_value = "mailbench.example.net")]
+    lhlo: String,
+    /// Stop starting new messages after this many seconds.
+    #[arg(long, default_value_t = 300.0)]
+    max_seconds: f64,
+    /// Longest wait for one reply, in seconds.
+    #[arg(long, default_value_t = 60.0)]
+    reply_timeout: f64,
+    /// Seed for recipients and body text (default: from the clock).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Allow a target that is not a loopback address.
+    #[arg(long)]
+    allow_remote: bool,
+    /// Print one JSON line instead of the text report.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct FsyncArgs {
+    /// Directory to work in; a `mailbench-fsync-PID` directory is made inside and removed after.
+    dir: PathBuf,
+    /// Duration of the measurement.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Concurrent threads.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=256))]
+    threads: u64,
+    /// Bytes written to each file.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(0..=(64 << 20)))]
+    size: u64,
+    /// Create in tmp/, rename to new/, then fsync new/ (a durable Maildir delivery).
+    #[arg(long)]
+    dir_fsync: bool,
+    /// Upper bound on operations over all threads.
+    #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    max_ops: u64,
+    /// Print one JSON line instead of the text report.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Lmtp(args) => lmtp_main(args),
+        Command::Fsync(args) => fsync_main(&args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("mailbench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// LMTP load
+
+/// At most this many reconnects per session, after a fault.
+const MAX_RECONNECTS: u32 = 5;
+const RECONNECT_PAUSE: Duration = Duration::from_millis(200);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const QUIT_TIMEOUT: Duration = Duration::from_secs(2);
+/// RFC 5321 §4.5.3.1.5: a reply line is at most 512 octets; be lenient.
+const MAX_REPLY_LINE: u64 = 4096;
+/// Bound on the lines of one multi-line reply (LHLO lists a dozen).
+const MAX_REPLY_LINES: usize = 100;
+/// RFC 5322 §2.1.1: lines SHOULD be at most 78 characters; we write 76 plus CRLF.
+const BODY_LINE_LEN: usize = 76;
+const BODY_POOL_LEN: usize = 16 * 1024;
+
+fn lmtp_main(args: LmtpArgs) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    let json = args.json;
+    let report = runtime.block_on(run_lmtp(args))?;
+    if json {
+        print_json(&report)?;
+    } else {
+        report.print_text();
+    }
+    Ok(if report.messages_delivered > 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn run_lmtp(args: LmtpArgs) -> anyhow::Result<LmtpReport> {
+    ensure!(
+        args.max_seconds > 0.0 && args.max_seconds <= 86_400.0,
+        "--max-seconds must be in (0, 86400]"
+    );
+    ensure!(
+        args.reply_timeout > 0.0 && args.reply_timeout <= 3600.0,
+        "--reply-timeout must be in (0, 3600]"
+    );
+    check_address(&args.from).context("--from")?;
+    ensure!(
+        !args.lhlo.is_empty() && args.lhlo.bytes().all(|b| b.is_ascii_graphic()),
+        "--lhlo must be a domain name"
+    );
+    let addr = resolve_target(&args.target, args.allow_remote).await?;
+    let users = load_users(&args)?;
+    let rcpts_per_msg = usize::try_from(args.rcpts_per_msg)?;
+    ensure!(
+        rcpts_per_msg <= users.len(),
+        "--rcpts-per-msg {rcpts_per_msg} exceeds the {} users",
+        users.len()
+    );
+
+    let now_ns = unix_nanos();
+    let seed = args.seed.unwrap_or(now_ns ^ u64::from(std::process::id()));
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(args.max_seconds);
+    let reply_timeout = Duration::from_secs_f64(args.reply_timeout);
+    // A session finishes the message it has started; this cuts it off if the server stalls.
+    let hard_deadline = deadline + reply_timeout * 4 + CONNECT_TIMEOUT;
+    let plan = Arc::new(Plan {
+        addr,
+        from: args.from.clone(),
+        lhlo: args.lhlo.clone(),
+        users,
+        rcpts_per_msg,
+        size: usize::try_from(args.size)?,
+        messages: args.messages,
+        next: AtomicU64::new(0),
+        deadline,
+        reply_timeout,
+        run_id: now_ns,
+        body_pool: body_pool(&mut Rng::new(seed)),
+    });
+
+    let mut tasks = Vec::new();
+    for id in 0..args.sessions {
+        let plan = Arc::clone(&plan);
+        let mut rng = Rng::new(seed ^ (id + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        tasks.push(tokio::spawn(async move {
+            let mut tally = Tally::default();
+            let run = run_session(&plan, &mut rng, &mut tally);
+            if tokio::time::timeout_at(hard_deadline, run).await.is_err() {
+                tally.fault(&Fault::Timeout("session"));
+            }
+            tally
+        }));
+    }
+    let mut total = Tally::default();
+    for task in tasks {
+        match task.await {
+            Ok(tally) => total.merge(tally),
+            Err(e) => total.fault(&Fault::Protocol(if e.is_panic() {
+                "session panicked"
+            } else {
+                "session cancelled"
+            })),
+        }
+    }
+    let wall = start.elapsed();
+    Ok(LmtpReport::new(&args, &plan, total, wall))
+}
+
+/// What every session shares: the settings and the counter of messages started.
+struct Plan {
+    addr: SocketAddr,
+    from: String,
+    lhlo: String,
+    users: Vec<String>,
+    rcpts_per_msg: usize,
+    size: usize,
+    messages: u64,
+    /// Messages claimed so far, by all sessions.
+    next: AtomicU64,
+    /// No message is started after this.
+    deadline: Instant,
+    reply_timeout: Duration,
+    /// Makes Message-IDs unique across runs.
+    run_id: u64,
+    /// Printable text that body lines are cut from.
+    body_pool: Vec<u8>,
+}
+
+impl Plan {
+    /// The sequence number of the next message to send, or `None` when the run is over.
+    fn claim(&self) -> Option<u64> {
+        if Instant::now() >= self.deadline {
+            return None;
+        }
+        let seq = self.next.fetch_add(1, Ordering::Relaxed);
+        (seq < self.messages).then_some(seq)
+    }
+
+    fn is_over(&self) -> bool {
+        Instant::now() >= self.deadline || self.next.load(Ordering::Relaxed) >= self.messages
+    }
+
+    /// `rcpts_per_msg` distinct users (Floyd's sampling: bounded, no retries).
+    fn pick_rcpts(&self, rng: &mut Rng) -> Vec<&str> {
+        let n = self.users.len();
+        let mut picked: Vec<usize> = Vec::with_capacity(self.rcpts_per_msg);
+        for j in n - self.rcpts_per_msg..n {
+            let t = rng.below(j + 1);
+            picked.push(if picked.contains(&t) { j } else { t });
+        }
+        picked
+            .into_iter()
+            .filter_map(|i| self.users.get(i).map(String::as_str))
+            .collect()
+    }
+
+    /// Appends message `seq`, dot-stuffed, without the final dot.
+    fn push_message(&self, out: &mut Vec<u8>, seq: u64, rcpts: &[&str], rng: &mut Rng) {
+        let start = out.len();
+        push_line(out, &format!("From: Mailbench <{}>", self.from));
+        let mut to = String::from("To: ");
+        for (i, rcpt) in rcpts.iter().enumerate() {
+            if i > 0 {
+                // Folded, one address per line (RFC 5322 §2.2.3).
+                to.push_str(",\r\n ");
+            }
+            to.push('<');
+            to.push_str(rcpt);
+            to.push('>');
+        }
+        push_line(out, &to);
+        push_line(
+            out,
+            &format!("Subject: mailbench {:016x} message {seq}", self.run_id),
+        );
+        push_line(out, &format!("Date: {}", rfc5322_date(SystemTime::now())));
+        push_line(
+            out,
+            &format!("Message-ID: <{:016x}.{seq}@{}>", self.run_id, self.lhlo),
+        );
+        push_line(out, "MIME-Version: 1.0");
+        push_line(out, "Content-Type: text/plain; charset=us-ascii");
+        push_line(out, "");
+        let body_len = self.size.saturating_sub(out.len() - start);
+        self.push_body(out, body_len, rng);
+    }
+
+    /// Appends `body_len` bytes of body (as stored; dot-stuffing adds to it on the wire):
+    /// lines of 76 characters, the last one shorter.
+    fn push_body(&self, out: &mut Vec<u8>, body_len: usize, rng: &mut Rng) {
+        const FULL: usize = BODY_LINE_LEN + 2;
+        let mut lens = vec![BODY_LINE_LEN; body_len / FULL];
+        match body_len % FULL {
+            0 => {}
+            // A line of 75 and an empty one make up the odd byte (none if there is no line).
+            1 => {
+                if let Some(last) = lens.last_mut() {
+                    *last -= 1;
+                    lens.push(0);
+                }
+            }
+            rest => lens.push(rest - 2),
+        }
+        for len in lens {
+            let at = rng.below(self.body_pool.len() - BODY_LINE_LEN);
+            let line = self.body_pool.get(at..at + len).unwrap_or_default();
+            // RFC 5321 §4.5.2: a line that starts with a dot gets one more.
+            if line.first() == Some(&b'.') {
+                out.push(b'.');
+            }
+            out.extend_from_slice(line);
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+}
+
+/// Runs one session: connect, then messages until the run is over; reconnects after faults.
+async fn run_session(plan: &Plan, rng: &mut Rng, tally: &mut Tally) {
+    for attempt in 0..=MAX_RECONNECTS {
+        if attempt > 0 {
+            tokio::time::sleep(RECONNECT_PAUSE).await;
+        }
+        if plan.is_over() {
+            return;
+        }
+        let mut conn = match Connection::open(plan).await {
+            Ok(conn) => conn,
+            Err(fault) => {
+                tally.fault(&fault);
+                continue;
+            }
+        };
+        match conn.send_messages(plan, rng, tally).await {
+            Ok(()) => {
+                conn.quit().await;
+                return;
+            }
+            Err(fault) => tally.fault(&fault),
+        }
+    }
+}
+
+/// One LMTP connection, after the greeting and LHLO.
+struct Connection {
+    reader: BufReader<OwnedReadHalf>,
+    writer: OwnedWriteHalf,
+    pipelining: bool,
+    reply_timeout: Duration,
+    out: Vec<u8>,
+    line: Vec<u8>,
+}
+
+impl Connection {
+    async fn open(plan: &Plan) -> Result<Self, Fault> {
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(plan.addr))
+            .await
+            .map_err(|_| Fault::Timeout("connect"))?
+            .map_err(Fault::Connect)?;
+        stream.set_nodelay(true).map_err(Fault::Connect)?;
+        let (reader, writer) = stream.into_split();
+        let mut conn = Self {
+            reader: BufReader::new(reader),
+            writer,
+            pipelining: false,
+            reply_timeout: plan.reply_timeout,
+            out: Vec::with_capacity(plan.size + plan.size / 32 + 1024),
+            line: Vec::with_capacity(512),
+        };
+        let greeting = conn.read_reply().await?;
+        if greeting.code != 220 {
+            return Err(Fault::Refused("greeting", greeting.code));
+        }
+        conn.out.clear();
+        push_line(&mut conn.out, &format!("LHLO {}", plan.lhlo));
+        conn.flush().await?;
+        let lhlo = conn.read_reply().await?;
+        if lhlo.code != 250 {
+            return Err(Fault::Refused("LHLO", lhlo.code));
+        }
+        conn.pipelining = lhlo
+            .lines
+            .iter()
+            .any(|l| l.eq_ignore_ascii_case("PIPELINING"));
+        Ok(conn)
+    }
+
+    async fn send_messages(
+        &mut self,
+        plan: &Plan,
+        rng: &mut Rng,
+        tally: &mut Tally,
+    ) -> Result<(), Fault> {
+        while let Some(seq) = plan.claim() {
+            tally.sent += 1;
+            self.transaction(plan, seq, rng, tally).await?;
+        }
+        Ok(())
+    }
+
+    /// One message: envelope, DATA, content, and the per-recipient replies.
+    async fn transaction(
+        &mut self,
+        plan: &Plan,
+        seq: u64,
+        rng: &mut Rng,
+        tally: &mut Tally,
+    ) -> Result<(), Fault> {
+        let rcpts = plan.pick_rcpts(rng);
+        let accepted = self.envelope(&plan.from, &rcpts, tally).await?;
+        if accepted == 0 {
+            return self.reset(tally).await;
+        }
+
+        self.out.clear();
+        push_line(&mut self.out, "DATA");
+        self.flush().await?;
+        let data = self.read_reply().await?;
+        if data.code != 354 {
+            tally.error("DATA", data.code);
+            return self.reset(tally).await;
+        }
+
+        self.out.clear();
+        plan.push_message(&mut self.out, seq, &rcpts, rng);
+        self.out.extend_from_slice(b".\r\n");
+        self.flush().await?;
+        let end_of_data = Instant::now();
+        // RFC 2033 §4.2: one reply for each recipient that RCPT accepted, in order.
+        let mut delivered = 0;
+        for _ in 0..accepted {
+            let reply = self.read_reply().await?;
+            if reply.code == 250 {
+                delivered += 1;
+            } else {
+                tally.error("EOM", reply.code);
+            }
+        }
+        tally.latencies_us.push(micros(end_of_data.elapsed()));
+        tally.rcpts_delivered += delivered;
+        if delivered == rcpts.len() as u64 {
+            tally.messages_delivered += 1;
+        }
+        Ok(())
+    }
+
+    /// MAIL and the RCPTs, in one write when pipelining; returns how many RCPTs were accepted.
+    async fn envelope(
+        &mut self,
+        from: &str,
+        rcpts: &[&str],
+        tally: &mut Tally,
+    ) -> Result<usize, Fault> {
+        self.out.clear();
+        push_line(&mut self.out, &format!("MAIL FROM:<{from}>"));
+        if self.pipelining {
+            for rcpt in rcpts {
+                push_line(&mut self.out, &format!("RCPT TO:<{rcpt}>"));
+            }
+        }
+        self.flush().await?;
+        let mail = self.read_reply().await?;
+        let mail_ok = mail.is_positive();
+        if !mail_ok {
+            tally.error("MAIL", mail.code);
+        }
+        let mut accepted = 0;
+        for rcpt in rcpts {
+            if !self.pipelining {
+                if !mail_ok {
+                    break;
+                }
+                self.out.clear();
+                push_line(&mut self.out, &format!("RCPT TO:<{rcpt}>"));
+                self.flush().await?;
+            }
+            let reply = self.read_reply().await?;
+            if reply.is_positive() {
+                accepted += 1;
+            } else if mail_ok {
+                // After a failed MAIL, every RCPT fails too; that is one error, not several.
+                tally.error("RCPT", reply.code);
+            }
+        }
+        Ok(if mail_ok { accepted } else { 0 })
+    }
+
+    async fn reset(&mut self, tally: &mut Tally) -> Result<(), Fault> {
+        self.out.clear();
+        push_line(&mut self.out, "RSET");
+        self.flush().await?;
+        let reply = self.read_reply().await?;
+        if reply.code != 250 {
+            tally.error("RSET", reply.code);
+        }
+        Ok(())
+    }
+
+    /// Best effort: the run's figures do not depend on it.
+    async fn quit(mut self) {
+        self.reply_timeout = QUIT_TIMEOUT;
+        self.out.clear();
+        push_line(&mut self.out, "QUIT");
+        if self.flush().await.is_ok() {
+            let _ = self.read_reply().await;
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), Fault> {
+        tokio::time::timeout(self.reply_timeout, self.writer.write_all(&self.out))
+            .await
+            .map_err(|_| Fault::Timeout("write"))?
+            .map_err(Fault::Io)
+    }
+
+    /// Reads one reply, all its lines. A `421` ends the session.
+    async fn read_reply(&mut self) -> Result<Reply, Fault> {
+        let mut lines = Vec::new();
+        for _ in 0..MAX_REPLY_LINES {
+            self.line.clear();
+            let mut bounded = (&mut self.reader).take(MAX_REPLY_LINE);
+            let read = bounded.read_until(b'\n', &mut self.line);
+            let n = tokio::time::timeout(self.reply_timeout, read)
+                .await
+                .map_err(|_| Fault::Timeout("reply"))?
+                .map_err(Fault::Io)?;
+            if n == 0 {
+                return Err(Fault::Protocol("connection closed"));
+            }
+            let line = self
+                .line
+                .strip_suffix(b"\n")
+                .ok_or(Fault::Protocol("reply line too long"))?;
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            let (code, last, text) = parse_reply_line(line)?;
+            lines.push(text);
+            if last {
+                if code == 421 {
+                    return Err(Fault::Closing);
+                }
+                return Ok(Reply { code, lines });
+            }
+        }
+        Err(Fault::Protocol("reply has too many lines"))
+    }
+}
+
+/// A server reply: its code and the text of each line.
+struct Reply {
+    code: u16,
+    lines: Vec<String>,
+}
+
+impl Reply {
+    fn is_positive(&self) -> bool {
+        (200..300).contains(&self.code)
+    }
+}
+
+/// `250-text` → (250, false, "text"); `250 text` or `250` → (250, true, "text").
+fn parse_reply_line(line: &[u8]) -> Result<(u16, bool, String), Fault> {
+    let bad = Fault::Protocol("malformed reply line");
+    let (digits, rest) = line
+        .split_at_checked(3)
+        .ok_or(Fault::Protocol("short reply line"))?;
+    if !digits.iter().all(u8::is_ascii_digit) {
+        return Err(bad);
+    }
+    let code = digits
+        .iter()
+        .fold(0u16, |acc, d| acc * 10 + u16::from(d - b'0'));
+    let (last, text) = match rest.split_first() {
+        None => (true, &[][..]),
+        Some((b' ', text)) => (true, text),
+        Some((b'-', text)) => (false, text),
+        Some(_) => return Err(bad),
+    };
+    Ok((code, last, String::from_utf8_lossy(text).into_owned()))
+}
+
+/// Why a session lost its connection.
+#[derive(Debug)]
+enum Fault {
+    Connect(io::Error),
+    Io(io::Error),
+    Timeout(&'static str),
+    Protocol(&'static str),
+    /// The greeting or LHLO was not accepted.
+    Refused(&'static str, u16),
+    /// The server sent `421` (RFC 5321 §3.8): it is closing the connection.
+    Closing,
+}
+
+impl Fault {
+    /// The key it is counted under.
+    fn key(&self) -> String {
+        match self {
+            Self::Connect(_) => "connect".to_owned(),
+            Self::Io(_) => "io".to_owned(),
+            Self::Timeout(what) => format!("timeout {what}"),
+            Self::Protocol(what) => format!("protocol {what}"),
+            Self::Refused(phase, code) => format!("{phase} {code}"),
+            Self::Closing => "closed 421".to_owned(),
+        }
+    }
+
+    fn detail(&self) -> String {
+        match self {
+            Self::Connect(e) => format!("connect: {e}"),
+            Self::Io(e) => format!("i/o: {e}"),
+            other => other.key(),
+        }
+    }
+}
+
+/// What one session (or, merged, the whole run) counted.
+#[derive(Default)]
+struct Tally {
+    /// Messages for which MAIL was sent.
+    sent: u64,
+    /// Messages for which every recipient got a final 250.
+    messages_delivered: u64,
+    /// Final 250 replies after the dot.
+    rcpts_delivered: u64,
+    /// End of DATA to last reply, one entry per message that got to the dot.
+    latencies_us: Vec<u32>,
+    errors: BTreeMap<String, u64>,
+    first_fault: Option<String>,
+}
+
+impl Tally {
+    fn error(&mut self, phase: &str, code: u16) {
+        *self.errors.entry(format!("{phase} {code}")).or_default() += 1;
+    }
+
+    fn fault(&mut self, fault: &Fault) {
+        *self.errors.entry(fault.key()).or_default() += 1;
+        self.first_fault.get_or_insert_with(|| fault.detail());
+    }
+
+    fn merge(&mut self, other: Self) {
+        self.sent += other.sent;
+        self.messages_delivered += other.messages_delivered;
+        self.rcpts_delivered += other.rcpts_delivered;
+        self.latencies_us.extend(other.latencies_us);
+        for (key, n) in other.errors {
+            *self.errors.entry(key).or_default() += n;
+        }
+        if self.first_fault.is_none() {
+            self.first_fault = other.first_fault;
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct LmtpReport {
+    workload: &'static str,
+    target: String,
+    sessions: u64,
+    size: u64,
+    rcpts_per_msg: u64,
+    users: usize,
+    messages_requested: u64,
+    messages_sent: u64,
+    messages_delivered: u64,
+    rcpts_delivered: u64,
+    wall_s: f64,
+    msgs_per_s: f64,
+    rcpts_per_s: f64,
+    lat_ms_p50: Option<f64>,
+    lat_ms_p99: Option<f64>,
+    lat_ms_max: Option<f64>,
+    errors: BTreeMap<String, u64>,
+    first_error: Option<String>,
+    /// True when `--max-seconds` ended the run before `--messages` were sent.
+    stopped_by_time: bool,
+    client_cpu_s: Option<f64>,
+}
+
+impl LmtpReport {
+    fn new(args: &LmtpArgs, plan: &Plan, mut tally: Tally, wall: Duration) -> Self {
+        tally.latencies_us.sort_unstable();
+        let lat = |p| percentile(&tally.latencies_us, p).map(|us| round3(f64::from(us) / 1e3));
+        let wall_s = wall.as_secs_f64();
+        Self {
+            workload: "lmtp",
+            target: args.target.clone(),
+            sessions: args.sessions,
+            size: args.size,
+            rcpts_per_msg: args.rcpts_per_msg,
+            users: plan.users.len(),
+            messages_requested: args.messages,
+            messages_sent: tally.sent,
+            messages_delivered: tally.messages_delivered,
+            rcpts_delivered: tally.rcpts_delivered,
+            wall_s: round3(wall_s),
+            msgs_per_s: round1(tally.messages_delivered as f64 / wall_s),
+            rcpts_per_s: round1(tally.rcpts_delivered as f64 / wall_s),
+            lat_ms_p50: lat(0.50),
+            lat_ms_p99: lat(0.99),
+            lat_ms_max: lat(1.0),
+            errors: tally.errors,
+            first_error: tally.first_fault,
+            stopped_by_time: tally.sent < args.messages && Instant::now() >= plan.deadline,
+            client_cpu_s: process_cpu_seconds(),
+        }
+    }
+
+    fn print_text(&self) {
+        println!(
+            "lmtp {}: {} sessions, {} bytes/msg, {} rcpt/msg, {} users",
+            self.target, self.sessions, self.size, self.rcpts_per_msg, self.users
+        );
+        println!(
+            "messages   {} requested, {} sent, {} delivered (every recipient 250){}",
+            self.messages_requested,
+            self.messages_sent,
+            self.messages_delivered,
+            if self.stopped_by_time {
+                "; stopped by --max-seconds"
+            } else {
+                ""
+            }
+        );
+        println!("recipients {} delivered", self.rcpts_delivered);
+        println!(
+            "rate       {} msg/s, {} rcpt/s",
+            self.msgs_per_s, self.rcpts_per_s
+        );
+        println!(
+            "latency    p50 {} ms, p99 {} ms, max {} ms (end of DATA to last reply)",
+            fmt_opt(self.lat_ms_p50),
+            fmt_opt(self.lat_ms_p99),
+            fmt_opt(self.lat_ms_max)
+        );
+        if self.errors.is_empty() {
+            println!("errors     none");
+        } else {
+            let list: Vec<String> = self
+                .errors
+                .iter()
+                .map(|(k, n)| format!("{k}: {n}"))
+                .collect();
+            println!("errors     {}", list.join(", "));
+        }
+        if let Some(first) = &self.first_error {
+            println!("first      {first}");
+        }
+        println!(
+            "wall       {} s; client CPU {} s",
+            self.wall_s,
+            fmt_opt(self.client_cpu_s)
+        );
+    }
+}
+
+/// Resolves HOST:PORT to its first address; refuses non-loopback ones unless allowed.
+async fn resolve_target(target: &str, allow_remote: bool) -> anyhow::Result<SocketAddr> {
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(target)
+        .await
+        .with_context(|| format!("cannot resolve {target}"))?
+        .collect();
+    let Some(&first) = addrs.first() else {
+        bail!("{target} has no address");
+    };
+    if !allow_remote && !addrs.iter().all(|a| a.ip().is_loopback()) {
+        bail!("{target} is not a loopback address (use --allow-remote to permit it)");
+    }
+    Ok(first)
+}
+
+/// The recipient addresses: from `--users FILE`, or `--user-fmt` expanded.
+fn load_users(args: &LmtpArgs) -> anyhow::Result<Vec<String>> {
+    let users = if let Some(path) = &args.users {
+        let text =
+            fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        text.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(str::to_owned)
+            .collect()
+    } else {
+        let last = args
+            .user_first
+            .checked_add(args.user_count - 1)
+            .context("--user-first + --user-count is too large")?;
+        (args.user_first..=last)
+            .map(|n| expand_user_fmt(&args.user_fmt, n))
+            .collect::<anyhow::Result<Vec<_>>>()?
+    };
+    ensure!(!users.is_empty(), "no recipients");
+    for user in &users {
+        check_address(user)?;
+    }
+    Ok(users)
+}
+
+/// Replaces `%d`, `%Nd` and `%0Nd` by `n`, and `%%` by `%`.
+fn expand_user_fmt(fmt: &str, n: u32) -> anyhow::Result<String> {
+    let mut out = String::with_capacity(fmt.len() + 8);
+    let mut chars = fmt.chars();
+    let mut has_number = false;
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        let mut spec = String::new();
+        let conv = loop {
+            match chars.next() {
+                Some(d) if d.is_ascii_digit() && spec.len() < 2 => spec.push(d),
+                other => break other,
+            }
+        };
+        match conv {
+            Some('%') if spec.is_empty() => out.push('%'),
+            Some('d') => {
+                let width: usize = if spec.is_empty() { 0 } else { spec.parse()? };
+                if spec.starts_with('0') {
+                    out.push_str(&format!("{n:0width$}"));
+                } else {
+                    out.push_str(&format!("{n:width$}"));
+                }
+                has_number = true;
+            }
+            _ => bail!("--user-fmt {fmt:?}: only %d, %Nd, %0Nd and %% are understood"),
+        }
+    }
+    ensure!(has_number, "--user-fmt {fmt:?} has no %d");
+    Ok(out)
+}
+
+/// An address we can put between `<` and `>` on a command line.
+fn check_address(addr: &str) -> anyhow::Result<()> {
+    ensure!(
+        addr.contains('@')
+            && addr.len() <= 254
+            && addr
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && b != b'<' && b != b'>'),
+        "{addr:?} is not a plain mail address"
+    );
+    Ok(())
+}
+
+/// Printable text that body lines are cut from: words, spaces, punctuation and some dots, so
+/// that lines starting with a dot (and so dot-stuffing) occur.
+fn body_pool(rng: &mut Rng) -> Vec<u8> {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyzeeeaaoiintt     ,.ABCDEFGHIJ0123456789";
+    (0..BODY_POOL_LEN)
+        .map(|_| {
+            ALPHABET
+                .get(rng.below(ALPHABET.len()))
+                .copied()
+                .unwrap_or(b' ')
+        })
+        .collect()
+}
+
+fn push_line(out: &mut Vec<u8>, line: &str) {
+    out.extend_from_slice(line.as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// RFC 5322 §3.3 date-time in UTC: `Thu, 27 Nov 2026 07:39:18 +0000`.
+fn rfc5322_date(t: SystemTime) -> String {
+    const DAYS: [&str; 7] = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    let (year, month, day) = civil_from_days(days);
+    format!(
+        "{}, {day:02} {} {year} {:02}:{:02}:{:02} +0000",
+        // 1970-01-01 was a Thursday.
+        DAYS.get(((days + 4) % 7) as usize).unwrap_or(&"Sun"),
+        MONTHS.get(month as usize - 1).unwrap_or(&"Jan"),
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 → (year, month 1..=12, day 1..=31), proleptic Gregorian
+/// (H. Hinnant's `civil_from_days`).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    (year, month, day)
+}
+
+/// SplitMix64: fast, and good enough to pick recipients and body text. Not for secrets.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (multiply-shift; the bias is below 2^-32 for our `n`). `n` must be > 0.
+    fn below(&mut self, n: usize) -> usize {
+        ((u128::from(self.next_u64()) * n as u128) >> 64) as usize
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// fsync probe
+
+fn fsync_main(args: &FsyncArgs) -> anyhow::Result<ExitCode> {
+    let report = run_fsync(args)?;
+    if args.json {
+        print_json(&report)?;
+    } else {
+        report.print_text();
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Serialize)]
+struct FsyncReport {
+    workload: &'static str,
+    mode: &'static str,
+    dir: String,
+    threads: u64,
+    size: u64,
+    ops: u64,
+    seconds: f64,
+    ops_per_s: f64,
+    fsyncs_per_s: f64,
+    lat_ms_p50: Option<f64>,
+    lat_ms_p99: Option<f64>,
+    lat_ms_max: Option<f64>,
+}
+
+impl FsyncReport {
+    fn print_text(&self) {
+        println!(
+            "fsync {} ({}): {} threads, {} bytes/file",
+            self.dir, self.mode, self.threads, self.size
+        );
+        println!(
+            "rate       {} ops/s, {} fsyncs/s ({} ops in {} s)",
+            self.ops_per_s, self.fsyncs_per_s, self.ops, self.seconds
+        );
+        println!(
+            "latency    p50 {} ms, p99 {} ms, max {} ms (one operation)",
+            fmt_opt(self.lat_ms_p50),
+            fmt_opt(self.lat_ms_p99),
+            fmt_opt(self.lat_ms_max)
+        );
+    }
+}
+
+fn run_fsync(args: &FsyncArgs) -> anyhow::Result<FsyncReport> {
+    ensure!(
+        args.seconds > 0.0 && args.seconds <= 3600.0,
+        "--seconds must be in (0, 3600]"
+    );
+    let threads = usize::try_from(args.threads)?;
+    let per_thread_max = (args.max_ops / args.threads).max(1);
+    let created_dir = !args.dir.exists();
+    fs::create_dir_all(&args.dir)
+        .with_context(|| format!("cannot create {}", args.dir.display()))?;
+    let base = args
+        .dir
+        .join(format!("mailbench-fsync-{}", std::process::id()));
+    fs::create_dir(&base).with_context(|| format!("cannot create {}", base.display()))?;
+    let _cleanup = Cleanup {
+        base: base.clone(),
+        parent: created_dir.then(|| args.dir.clone()),
+    };
+    let mut workers = Vec::with_capacity(threads);
+    for k in 0..threads {
+        let dir = base.join(format!("t{k}"));
+        let worker = if args.dir_fsync {
+            fs::create_dir_all(dir.join("tmp"))?;
+            fs::create_dir_all(dir.join("new"))?;
+            Worker::Maildir { dir }
+        } else {
+            fs::create_dir(&dir)?;
+            Worker::NewFile { dir }
+        };
+        workers.push(worker);
+    }
+    let mut rng = Rng::new(unix_nanos());
+    let data: Vec<u8> = (0..args.size).map(|_| rng.next_u64() as u8).collect();
+
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(args.seconds);
+    let results: Vec<anyhow::Result<Vec<u32>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = workers
+            .iter()
+            .map(|w| s.spawn(|| w.run(&data, deadline, per_thread_max)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a worker panicked")))
+            })
+            .collect()
+    });
+    let wall = start.elapsed().as_secs_f64();
+    let mut lat = Vec::new();
+    for r in results {
+        lat.extend(r?);
+    }
+    lat.sort_unstable();
+    let ops = lat.len() as u64;
+    let fsyncs_per_op = if args.dir_fsync { 2.0 } else { 1.0 };
+    let ms = |p| percentile(&lat, p).map(|us| round3(f64::from(us) / 1e3));
+    Ok(FsyncReport {
+        workload: "fsync",
+        mode: if args.dir_fsync {
+            "newfile+rename+dirfsync"
+        } else {
+            "newfile"
+        },
+        dir: args.dir.display().to_string(),
+        threads: args.threads,
+        size: args.size,
+        ops,
+        seconds: round3(wall),
+        ops_per_s: round1(ops as f64 / wall),
+        fsyncs_per_s: round1(ops as f64 * fsyncs_per_op / wall),
+        lat_ms_p50: ms(0.50),
+        lat_ms_p99: ms(0.99),
+        lat_ms_max: ms(1.0),
+    })
+}
+
+/// One thread's work: its own directory, so threads do not contend on a directory lock.
+enum Worker {
+    /// create + write + fsync + close.
+    NewFile { dir: PathBuf },
+    /// create in tmp/ + write + fsync + close, rename to new/, fsync new/.
+    Maildir { dir: PathBuf },
+}
+
+impl Worker {
+    /// Repeats the operation until `deadline` or `max_ops`; returns each one's latency in µs.
+    fn run(&self, data: &[u8], deadline: Instant, max_ops: u64) -> anyhow::Result<Vec<u32>> {
+        let mut lat = Vec::new();
+        for n in 0..max_ops {
+            let t0 = Instant::now();
+            if t0 >= deadline {
+                break;
+            }
+            let name = format!("f{n}");
+            match self {
+                Self::NewFile { dir } => write_new(&dir.join(&name), data)?,
+                Self::Maildir { dir } => {
+                    let tmp = dir.join("tmp").join(&name);
+                    let new_dir = dir.join("new");
+                    write_new(&tmp, data)?;
+                    fs::rename(&tmp, new_dir.join(&name))
+                        .with_context(|| format!("cannot rename {}", tmp.display()))?;
+                    fs::File::open(&new_dir)
+                        .and_then(|d| d.sync_all())
+                        .with_context(|| format!("cannot fsync {}", new_dir.display()))?;
+                }
+            }
+            lat.push(micros(t0.elapsed()));
+        }
+        Ok(lat)
+    }
+}
+
+/// create (must not exist) + write + fsync + close.
+fn write_new(path: &Path, data: &[u8]) -> anyhow::Result<()> {
+    let mut file = fs::File::options()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    file.write_all(data)
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Removes what `run_fsync` made, also when it fails.
+struct Cleanup {
+    base: PathBuf,
+    /// `DIR`, when it did not exist before; removed only if empty.
+    parent: Option<PathBuf>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Err(e) = fs::remove_dir_all(&self.base) {
+            eprintln!("mailbench: cannot remove {}: {e}", self.base.display());
+        }
+        if let Some(parent) = &self.parent {
+            let _ = fs::remove_dir(parent);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared helpers
+
+/// Nearest-rank percentile of sorted values; `p` in (0, 1].
+fn percentile(sorted: &[u32], p: f64) -> Option<u32> {
+    let rank = (p * sorted.len() as f64).ceil() as usize;
+    sorted.get(rank.max(1) - 1).copied()
+}
+
+fn micros(d: Duration) -> u32 {
+    u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
+}
+
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+fn fmt_opt(x: Option<f64>) -> String {
+    x.map_or_else(|| "-".to_owned(), |v| v.to_string())
+}
+
+fn unix_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// User+system CPU seconds of this process so far (Linux only).
+fn process_cpu_seconds() -> Option<f64> {
+    let stat = fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name may contain spaces; the fields after it are fixed (proc(5)).
+    let fields: Vec<&str> = stat
+        .get(stat.rfind(')')? + 2..)?
+        .split_whitespace()
+        .collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    // USER_HZ is 100 on every Linux architecture that reports through /proc.
+    Some(round3((utime + stime) as f64 / 100.0))
+}
+
+fn print_json(report: &impl Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string(report)?);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(size: usize) -> Plan {
+        Plan {
+            addr: SocketAddr::from(([127, 0, 0, 1], 24)),
+            from: "bench@example.net".to_owned(),
+            lhlo: "mailbench.example.net".to_owned(),
+            users: (1..=10)
+                .map(|n| expand_user_fmt("user%04d@example.test", n).unwrap())
+                .collect(),
+            rcpts_per_msg: 3,
+            size,
+            messages: 1,
+            next: AtomicU64::new(0),
+            deadline: Instant::now() + Duration::from_secs(60),
+            reply_timeout: Duration::from_secs(1),
+            run_id: 1,
+            body_pool: body_pool(&mut Rng::new(7)),
+        }
+    }
+
+    /// Undoes dot-stuffing: what the server stores.
+    fn unstuff(wire: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for line in wire.split_inclusive(|&b| b == b'\n') {
+            out.extend_from_slice(line.strip_prefix(b".").unwrap_or(line));
+        }
+        out
+    }
+
+    #[test]
+    fn message_has_the_requested_size_and_short_lines() {
+        let mut rng = Rng::new(1);
+        for size in [400, 4096, 4097, 4098, 4099, 10_000, 65_536] {
+            let p = plan(size);
+            for _ in 0..20 {
+                let rcpts = p.pick_rcpts(&mut rng);
+                let mut wire = Vec::new();
+                p.push_message(&mut wire, 1, &rcpts, &mut rng);
+                let stored = unstuff(&wire);
+                assert!(
+                    stored.len().abs_diff(size) <= 1,
+                    "size {size}: {}",
+                    stored.len()
+                );
+                assert!(stored.ends_with(b"\r\n"));
+                for line in stored.split(|&b| b == b'\n') {
+                    assert!(line.len() <= 77, "{:?}", String::from_utf8_lossy(line));
+                }
+                for line in wire.split_inclusive(|&b| b == b'\n') {
+                    assert!(line.ends_with(b"\r\n") || line.is_empty());
+                    assert_ne!(line, b".\r\n", "an unstuffed lone dot");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn some_lines_get_dot_stuffed() {
+        let p = plan(200_000);
+        let mut wire = Vec::new();
+        p.push_message(&mut wire, 1, &["a@example.test"], &mut Rng::new(3));
+        assert!(wire.windows(3).any(|w| w == b"\n.."));
+    }
+
+    #[test]
+    fn message_headers_are_rfc5322() {
+        let p = plan(1000);
+        let mut wire = Vec::new();
+        p.push_message(
+            &mut wire,
+            42,
+            &["a@example.test", "b@example.test"],
+            &mut Rng::new(1),
+        );
+        let text = String::from_utf8(wire).unwrap();
+        let (head, _) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("From: Mailbench <bench@example.net>\r\n"));
+        assert!(head.contains("To: <a@example.test>,\r\n <b@example.test>\r\n"));
+        assert!(head.contains("\r\nMessage-ID: <0000000000000001.42@mailbench.example.net>"));
+        assert!(head.contains("\r\nDate: "));
+        assert!(head.contains("\r\nSubject: "));
+    }
+
+    #[test]
+    fn recipients_are_distinct() {
+        let mut p = plan(1000);
+        p.rcpts_per_msg = 10;
+        let mut rng = Rng::new(5);
+        for _ in 0..100 {
+            let mut r = p.pick_rcpts(&mut rng);
+            assert_eq!(r.len(), 10);
+            r.sort_unstable();
+            r.dedup();
+            assert_eq!(r.len(), 10);
+        }
+    }
+
+    #[test]
+    fn user_fmt_expands() {
+        assert_eq!(
+            expand_user_fmt("user%04d@example.test", 7).unwrap(),
+            "user0007@example.test"
+        );
+        assert_eq!(expand_user_fmt("u%d@x", 12345).unwrap(), "u12345@x");
+        assert_eq!(expand_user_fmt("u%3d%%@x", 5).unwrap(), "u  5%@x");
+        assert!(expand_user_fmt("user@x", 1).is_err());
+        assert!(expand_user_fmt("u%s@x", 1).is_err());
+    }
+
+    #[test]
+    fn reply_lines_parse() {
+        let (code, last, text) = parse_reply_line(b"250-PIPELINING").unwrap();
+        assert_eq!((code, last, text.as_str()), (250, false, "PIPELINING"));
+        let (code, last, text) = parse_reply_line(b"354").unwrap();
+        assert_eq!((code, last, text.as_str()), (354, true, ""));
+        assert!(parse_reply_line(b"25").is_err());
+        assert!(parse_reply_line(b"25x ok").is_err());
+        assert!(parse_reply_line(b"250/ok").is_err());
+    }
+
+    #[test]
+    fn dates_are_rfc5322() {
+        let t = UNIX_EPOCH + Duration::from_secs(1_795_765_158);
+        assert_eq!(rfc5322_date(t), "Fri, 27 Nov 2026 07:39:18 +0000");
+        assert_eq!(rfc5322_date(UNIX_EPOCH), "Thu, 01 Jan 1970 00:00:00 +0000");
+        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
+        assert_eq!(rfc5322_date(leap), "Tue, 29 Feb 2000 00:00:00 +0000");
+    }
+
+    #[test]
+    fn percentiles_use_nearest_rank() {
+        let v: Vec<u32> = (1..=100).collect();
+        assert_eq!(percentile(&v, 0.5), Some(50));
+        assert_eq!(percentile(&v, 0.99), Some(99));
+        assert_eq!(percentile(&v, 1.0), Some(100));
+        assert_eq!(percentile(&[], 0.5), None);
+        assert_eq!(percentile(&[3], 0.01), Some(3));
+    }
+
+    #[tokio::test]
+    async fn session_speaks_lmtp() {
+        use tokio::io::AsyncBufReadExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut p = plan(2000);
+        p.addr = listener.local_addr().unwrap();
+        p.messages = 3;
+        p.rcpts_per_msg = 2;
+        let server = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (r, mut w) = stream.into_split();
+            let mut lines = BufReader::new(r).lines();
+            w.write_all(b"220 test LMTP\r\n").await.unwrap();
+            let mut in_data = false;
+            let mut rcpts = 0;
+            let mut seen = Vec::new();
+            while let Some(line) = lines.next_line().await.unwrap() {
+                if in_data {
+                    if line == "." {
+                        in_data = false;
+                        // First recipient delivered, second one deferred.
+                        w.write_all(b"250 2.0.0 ok\r\n452 4.2.2 over quota\r\n")
+                            .await
+                            .unwrap();
+                        rcpts = 0;
+                    }
+                    continue;
+                }
+                seen.push(line.clone());
+                let reply: &[u8] = if line.starts_with("LHLO") {
+                    b"250-test\r\n250-PIPELINING\r\n250 ENHANCEDSTATUSCODES\r\n"
+                } else if line.starts_with("RCPT") {
+                    rcpts += 1;
+                    b"250 2.1.5 ok\r\n"
+                } else if line == "DATA" {
+                    assert_eq!(rcpts, 2);
+                    in_data = true;
+                    b"354 go ahead\r\n"
+                } else if line == "QUIT" {
+                    w.write_all(b"221 bye\r\n").await.unwrap();
+                    break;
+                } else {
+                    b"250 2.1.0 ok\r\n"
+                };
+                w.write_all(reply).await.unwrap();
+            }
+            seen
+        });
+        let mut tally = Tally::default();
+        run_session(&p, &mut Rng::new(9), &mut tally).await;
+        let seen = server.await.unwrap();
+        assert_eq!(
+            seen.first().map(String::as_str),
+            Some("LHLO mailbench.example.net")
+        );
+        assert_eq!(tally.sent, 3);
+        assert_eq!(tally.messages_delivered, 0);
+        assert_eq!(tally.rcpts_delivered, 3);
+        assert_eq!(tally.latencies_us.len(), 3);
+        assert_eq!(tally.errors.get("EOM 452"), Some(&3));
+    }
+
+    #[test]
+    fn fsync_probe_cleans_up() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("mb");
+        for dir_fsync in [false, true] {
+            let args = FsyncArgs {
+                dir: dir.clone(),
+                seconds: 0.2,
+                threads: 2,
+                size: 4096,
+                dir_fsync,
+                max_ops: 20,
+                json: false,
+            };
+            let report = run_fsync(&args).unwrap();
+            assert!(report.ops > 0 && report.ops <= 20);
+            assert!(!dir.exists(), "left {}", dir.display());
+        }
+    }
+}
