@@ -1,47 +1,9 @@
 //! `mailctl` as an operator uses it: a fresh data directory, real processes, exit codes.
 
-use std::io::Write as _;
-use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-fn mailctl(dir: &Path, args: &[&str], stdin: Option<&str>) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mailctl"))
-        .args(args)
-        .current_dir(dir)
-        .env_remove("MAILCTL_CONFIG")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut input = child.stdin.take().unwrap();
-    if let Some(s) = stdin {
-        input.write_all(s.as_bytes()).unwrap();
-    }
-    drop(input);
-    child.wait_with_output().unwrap()
-}
-
-fn ok(dir: &Path, args: &[&str], stdin: Option<&str>) -> String {
-    let out = mailctl(dir, args, stdin);
-    assert!(
-        out.status.success(),
-        "mailctl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn fails(dir: &Path, args: &[&str], stdin: Option<&str>, message: &str) {
-    let out = mailctl(dir, args, stdin);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "mailctl {args:?} should fail");
-    assert!(
-        err.contains(message),
-        "mailctl {args:?}: expected {message:?} in {err:?}"
-    );
-}
+use crate::support::{fails, mailctl, ok};
 
 #[test]
 fn domain_user_alias_filer_administration() {

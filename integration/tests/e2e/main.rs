@@ -1,4 +1,6 @@
 //! End-to-end tests: the platform assembled, driven through its real binaries and protocols.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers outside #[test] functions
 
+mod filer;
 mod mailctl;
+mod support;

@@ -373,3 +373,42 @@ async fn a_mail_size_too_large_to_count_is_over_any_limit() {
     };
     assert_eq!(from.size, usize::MAX);
 }
+
+#[tokio::test]
+async fn garbage_never_panics_or_hangs() {
+    let pieces: [&[u8]; 14] = [
+        b"\r",
+        b"\n",
+        b".",
+        b"\r\n.\r\n",
+        b"DATA\r\n",
+        b"BDAT 3\r\n",
+        b"BDAT 2 LAST\r\n",
+        b"MAIL FROM:<a@b>",
+        b"RCPT TO:<",
+        b"\0",
+        b"\xff\xc3",
+        b"AUTH PLAIN ",
+        b" ",
+        b"x",
+    ];
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let limits = Limits {
+        max_line_len: 40,
+        max_message_size: 50,
+        ..Limits::default()
+    };
+    for round in 0..200 {
+        let mut input = Vec::new();
+        for _ in 0..300 {
+            // xorshift64: deterministic, so a failure can be replayed.
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            input.extend_from_slice(pieces[(seed % pieces.len() as u64) as usize]);
+        }
+        let chunk = [1, 2, 3, 7, 64, 4096][round % 6];
+        let (mut conn, _) = scripted(&input, chunk, limits.clone());
+        drive(&mut conn).await;
+    }
+}
