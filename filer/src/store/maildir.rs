@@ -69,6 +69,35 @@ pub(super) fn write_durably(dir: &Path, host: &str, data: &[u8]) -> Result<Strin
     result
 }
 
+/// Hard-links an existing message file into `dir/cur` under a new unique name (a COPY costs no
+/// data). The caller fsyncs `dir/cur` once for a batch ([`sync_dir`]).
+pub(super) fn link_durably_later(src: &Path, dir: &Path, host: &str) -> Result<String, StoreError> {
+    let size = fs::metadata(src).map_err(io("reading", src))?.len();
+    let name = format!("{},S={size}:2,", unique_name(host));
+    let target = dir.join("cur").join(&name);
+    match fs::hard_link(src, &target) {
+        Ok(()) => Ok(name),
+        // Another filesystem: copy and fsync instead.
+        Err(_) => {
+            let data = fs::read(src).map_err(io("reading", src))?;
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&target)
+                .map_err(io("creating", &target))?;
+            f.write_all(&data).map_err(io("writing", &target))?;
+            f.sync_all().map_err(io("fsyncing", &target))?;
+            Ok(name)
+        }
+    }
+}
+
+/// fsyncs a directory.
+pub(super) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io("fsyncing", dir))
+}
+
 /// A Maildir unique name: `<secs>.M<usecs>P<pid>Q<seq>.<host>`.
 fn unique_name(host: &str) -> String {
     static SEQ: AtomicU64 = AtomicU64::new(0);

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-pub use index::{FolderInfo, MessageMeta};
+pub use index::{Changes, FlagOp, FolderInfo, MessageMeta};
 
 /// Folders every new mailbox gets, with their SPECIAL-USE attribute (RFC 6154).
 pub const DEFAULT_FOLDERS: &[(&str, &str)] = &[
@@ -52,6 +52,12 @@ pub enum StoreError {
     /// No such folder.
     #[error("no such folder {0:?}")]
     NoFolder(String),
+    /// The folder exists already.
+    #[error("folder {0:?} exists")]
+    FolderExists(String),
+    /// The operation is not allowed on this folder (deleting INBOX).
+    #[error("{0}")]
+    NotAllowed(&'static str),
     /// A file or directory operation failed.
     #[error("{what} {path}: {source}")]
     Io {
@@ -164,6 +170,9 @@ pub struct UserStore {
     dir: PathBuf,
     host: String,
     index: Mutex<index::Index>,
+    /// Tells every session of this mailbox that a folder changed (its name); sessions then
+    /// ask the index what changed since the modseq they know.
+    changes: tokio::sync::broadcast::Sender<String>,
 }
 
 impl UserStore {
@@ -176,11 +185,8 @@ impl UserStore {
             let folder = index.ensure_folder(name, Some(special))?;
             maildir::create_tree(&dir.join(&folder.dir))?;
         }
-        let store = Self {
-            dir,
-            host,
-            index: Mutex::new(index),
-        };
+        let (changes, _) = tokio::sync::broadcast::channel(256);
+        let store = Self { dir, host, index: Mutex::new(index), changes };
         store.reconcile()?;
         Ok(store)
     }
@@ -239,6 +245,169 @@ impl UserStore {
         }
     }
 
+    /// Subscribes to change notices (folder names).
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.changes.subscribe()
+    }
+
+    fn notify(&self, folder: &str) {
+        let _ = self.changes.send(folder.to_owned());
+    }
+
+    /// Appends a message (IMAP APPEND) with flags and an internal date, durably, like
+    /// [`deliver`](Self::deliver). Blocking.
+    pub fn append(
+        &self,
+        folder: &str,
+        data: &[u8],
+        flags: &str,
+        internal_date: i64,
+        quota: u64,
+    ) -> Result<Delivered, StoreError> {
+        let size = data.len() as u64;
+        let (folder_dir, used) = {
+            let ix = self.index();
+            let f = ix.folder(folder)?.ok_or_else(|| StoreError::NoFolder(folder.to_owned()))?;
+            (f.dir, ix.usage()?)
+        };
+        if quota > 0 && used + size > quota {
+            return Err(StoreError::QuotaExceeded { used, size, quota });
+        }
+        let fdir = self.dir.join(&folder_dir);
+        maildir::create_tree(&fdir)?;
+        let file = maildir::write_durably(&fdir, &self.host, data)?;
+        let rel = join_rel(&folder_dir, &file);
+        match self.index().add_message(folder, &rel, size, internal_date, flags, &content_guid(data)) {
+            Ok(d) => {
+                self.notify(folder);
+                Ok(d)
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(self.dir.join(&rel));
+                Err(e)
+            }
+        }
+    }
+
+    /// Copies messages (by UID, in the given order) into `to`: each file is hard-linked into
+    /// the target's `cur/` (so a copy costs no data), the directory fsynced, then all index rows
+    /// go in one transaction. Returns the target's UIDVALIDITY and (source, new) UID pairs.
+    /// Blocking.
+    pub fn copy(&self, from: &str, uids: &[u32], to: &str, quota: u64) -> Result<(u32, Vec<(u32, u32)>), StoreError> {
+        let (src, dst_dir, used) = {
+            let ix = self.index();
+            let dst = ix.folder(to)?.ok_or_else(|| StoreError::NoFolder(to.to_owned()))?;
+            (ix.messages(from)?, dst.dir, ix.usage()?)
+        };
+        let wanted: std::collections::HashSet<u32> = uids.iter().copied().collect();
+        let picked: Vec<&MessageMeta> = src.iter().filter(|m| wanted.contains(&m.uid)).collect();
+        let size: u64 = picked.iter().map(|m| m.size).sum();
+        if quota > 0 && used + size > quota {
+            return Err(StoreError::QuotaExceeded { used, size, quota });
+        }
+        let fdir = self.dir.join(&dst_dir);
+        maildir::create_tree(&fdir)?;
+        let mut rows = Vec::with_capacity(picked.len());
+        for m in &picked {
+            let name = maildir::link_durably_later(&self.dir.join(&m.file), &fdir, &self.host)?;
+            rows.push((join_rel(&dst_dir, &name), m.size, m.internal_date, m.flags.clone(), m.guid.clone()));
+        }
+        maildir::sync_dir(&fdir.join("cur"))?;
+        let r = self.index().add_messages(to, &rows);
+        match r {
+            Ok((uv, new)) => {
+                self.notify(to);
+                Ok((uv, picked.iter().map(|m| m.uid).zip(new).collect()))
+            }
+            Err(e) => {
+                for (rel, ..) in &rows {
+                    let _ = std::fs::remove_file(self.dir.join(rel));
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Changes flags (IMAP STORE). Returns the changed messages and, with `unchanged_since`,
+    /// the UIDs refused because they changed since. Blocking.
+    pub fn store_flags(
+        &self,
+        folder: &str,
+        uids: &[u32],
+        op: FlagOp,
+        flags: &[String],
+        unchanged_since: Option<u64>,
+    ) -> Result<(Vec<MessageMeta>, Vec<u32>), StoreError> {
+        let r = self.index().store_flags(folder, uids, op, flags, unchanged_since)?;
+        if !r.0.is_empty() {
+            self.notify(folder);
+        }
+        Ok(r)
+    }
+
+    /// What changed in `folder` after `modseq`.
+    pub fn changes_since(&self, folder: &str, modseq: u64) -> Result<Changes, StoreError> {
+        self.index().changes_since(folder, modseq)
+    }
+
+    /// One folder.
+    pub fn folder(&self, name: &str) -> Result<Option<FolderInfo>, StoreError> {
+        self.index().folder(name)
+    }
+
+    /// (messages, unseen) of a folder.
+    pub fn counts(&self, name: &str) -> Result<(u32, u32), StoreError> {
+        self.index().counts(name)
+    }
+
+    /// Creates a folder (and its Maildir++ directory). Blocking.
+    pub fn create_folder(&self, name: &str) -> Result<FolderInfo, StoreError> {
+        let f = self.index().create_folder(name, None)?;
+        maildir::create_tree(&self.dir.join(&f.dir))?;
+        Ok(f)
+    }
+
+    /// Deletes a folder, its messages and its directory. INBOX cannot be deleted. Blocking.
+    pub fn delete_folder(&self, name: &str) -> Result<(), StoreError> {
+        if name.eq_ignore_ascii_case("INBOX") {
+            return Err(StoreError::NotAllowed("INBOX cannot be deleted"));
+        }
+        let (f, files) = self.index().delete_folder(name)?;
+        for file in files {
+            let _ = std::fs::remove_file(self.dir.join(file));
+        }
+        let _ = std::fs::remove_dir_all(self.dir.join(&f.dir));
+        self.notify(name);
+        Ok(())
+    }
+
+    /// Renames a folder and its sub-folders. Renaming INBOX moves its messages into a new
+    /// folder and leaves INBOX empty (RFC 3501 §6.3.5). Blocking.
+    pub fn rename_folder(&self, from: &str, to: &str) -> Result<(), StoreError> {
+        if from.eq_ignore_ascii_case("INBOX") {
+            self.create_folder(to)?;
+            let uids: Vec<u32> = self.messages("INBOX")?.iter().map(|m| m.uid).collect();
+            self.copy("INBOX", &uids, to, 0)?;
+            self.expunge("INBOX", &uids)?;
+            return Ok(());
+        }
+        let moves = self.index().rename_folder(from, to)?;
+        for (old, new) in moves {
+            let (o, n) = (self.dir.join(&old), self.dir.join(&new));
+            if o.exists() {
+                std::fs::rename(&o, &n).map_err(|source| StoreError::Io { what: "renaming", path: o, source })?;
+            }
+        }
+        maildir::sync_dir(&self.dir)?;
+        self.notify(from);
+        Ok(())
+    }
+
+    /// Subscribes (`on`) or unsubscribes a folder.
+    pub fn set_subscribed(&self, name: &str, on: bool) -> Result<(), StoreError> {
+        self.index().set_subscribed(name, on)
+    }
+
     /// Bytes in use across all folders.
     pub fn usage(&self) -> Result<u64, StoreError> {
         self.index().usage()
@@ -260,6 +429,9 @@ impl UserStore {
         let files = self.index().remove_messages(folder, uids)?;
         for f in &files {
             let _ = std::fs::remove_file(self.dir.join(f));
+        }
+        if !files.is_empty() {
+            self.notify(folder);
         }
         Ok(files.len())
     }
@@ -315,6 +487,11 @@ impl UserStore {
         }
         Ok(())
     }
+}
+
+/// A message file's path relative to the mailbox directory.
+fn join_rel(folder_dir: &str, name: &str) -> String {
+    if folder_dir.is_empty() { format!("cur/{name}") } else { format!("{folder_dir}/cur/{name}") }
 }
 
 /// A stable content id: the first 128 bits of SHA-256, hex. Used to verify migrations and as
