@@ -6,6 +6,7 @@
 //! (`user\0principal\0secret`), and only from `trust.proxy_networks`. The filer never sees a
 //! user's password. Nothing else reaches the disk.
 
+mod imap;
 mod lmtp;
 mod pop3;
 mod settings;
@@ -54,10 +55,12 @@ pub(crate) struct Filer {
 
 /// Most concurrent LMTP sessions.
 const MAX_LMTP_SESSIONS: usize = 200;
+/// Most concurrent IMAP sessions (IDLE connections are long-lived).
+const MAX_IMAP_SESSIONS: usize = 20_000;
 /// Most concurrent POP3 sessions.
 const MAX_POP3_SESSIONS: usize = 5000;
 
-/// Serves LMTP (and POP3 and IMAP as they are built) until `shutdown` is cancelled.
+/// Serves LMTP, IMAP and POP3 until `shutdown` is cancelled.
 pub async fn serve(
     settings: Arc<Settings>,
     directory: Arc<dyn Directory>,
@@ -82,26 +85,24 @@ pub async fn serve(
     });
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(l) = listeners.imap {
-        // TODO(#4): the IMAP backend. Until then a connection is told so at once, never left
-        // hanging.
         let opts = AcceptOptions {
             protocol: "imap",
-            max_connections: 100,
+            max_connections: MAX_IMAP_SESSIONS,
             busy_reply: b"* BYE [UNAVAILABLE] too many connections\r\n",
             trusted: Some(settings.shared.proxy_networks.clone()),
             untrusted_reply:
                 b"* BYE [UNAVAILABLE] this server is reached through the access proxy\r\n",
             shutdown_grace: settings.shared.shutdown_grace,
         };
+        let f = filer.clone();
+        let token = shutdown.clone();
         tasks.spawn(accept_loop(
             l,
             opts,
             shutdown.clone(),
-            |mut stream, _peer, _id| async move {
-                use tokio::io::AsyncWriteExt as _;
-                let _ = stream
-                    .write_all(b"* BYE [UNAVAILABLE] IMAP is not available on this filer yet\r\n")
-                    .await;
+            move |stream, peer, _id| {
+                let (f, token) = (f.clone(), token.clone());
+                async move { imap::run(f, Box::new(stream), peer, token).await }
             },
         ));
     }
@@ -165,4 +166,12 @@ pub async fn serve(
     }
     shutdown.cancelled().await;
     Ok(())
+}
+
+/// Compares secrets in time independent of where they differ.
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

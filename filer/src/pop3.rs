@@ -297,7 +297,7 @@ async fn login(filer: &Arc<Filer>, response: &[u8]) -> Result<Maildrop, &'static
     };
     let principal = filer.settings.shared.proxy_principal.as_bytes();
     if authc != principal
-        || !constant_time_eq(secret, filer.proxy_secret.as_bytes())
+        || !crate::constant_time_eq(secret, filer.proxy_secret.as_bytes())
         || authz.is_empty()
     {
         tracing::warn!("refused a login that is not the proxy's trusted login");
@@ -350,13 +350,6 @@ async fn login(filer: &Arc<Filer>, response: &[u8]) -> Result<Maildrop, &'static
         }
         Err(_) => Err("-ERR [SYS/TEMP] cannot open the mailbox, try again later"),
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// One command in the TRANSACTION state. `Ok(false)` ends the session.

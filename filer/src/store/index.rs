@@ -138,19 +138,31 @@ fn message_row(r: &rusqlite::Row<'_>) -> Result<MessageMeta, rusqlite::Error> {
 impl Index {
     pub(super) fn open(dir: &Path, seed: u32) -> Result<Self, StoreError> {
         let path = dir.join("index.sqlite");
-        let err = |source| StoreError::Index { path: path.clone(), source };
+        let err = |source| StoreError::Index {
+            path: path.clone(),
+            source,
+        };
         let conn = Connection::open(&path).map_err(err)?;
         conn.busy_timeout(Duration::from_secs(10)).map_err(err)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
-        conn.pragma_update(None, "synchronous", "FULL").map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(err)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
-        let mut ix = Self { conn, path, seed: seed.max(1) };
+        let mut ix = Self {
+            conn,
+            path,
+            seed: seed.max(1),
+        };
         ix.ensure_folder("INBOX", None)?;
         Ok(ix)
     }
 
     fn err(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
-        |source| StoreError::Index { path: self.path.clone(), source }
+        |source| StoreError::Index {
+            path: self.path.clone(),
+            source,
+        }
     }
 
     /// Runs `f` in one IMMEDIATE transaction; it commits only if `f` succeeds.
@@ -159,29 +171,47 @@ impl Index {
         f: impl FnOnce(&Transaction<'_>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let path = self.path.clone();
-        let err = |source| StoreError::Index { path: path.clone(), source };
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
+        let err = |source| StoreError::Index {
+            path: path.clone(),
+            source,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(err)?;
         let v = f(&tx)?;
         tx.commit().map_err(err)?;
         Ok(v)
     }
 
     /// The folder `name`, created (with its UIDVALIDITY) if it does not exist.
-    pub(super) fn ensure_folder(&mut self, name: &str, special: Option<&str>) -> Result<FolderInfo, StoreError> {
+    pub(super) fn ensure_folder(
+        &mut self,
+        name: &str,
+        special: Option<&str>,
+    ) -> Result<FolderInfo, StoreError> {
         if let Some(f) = self.folder(name)? {
             return Ok(f);
         }
         self.create_folder(name, special)?;
-        self.folder(name)?.ok_or_else(|| StoreError::NoFolder(name.to_owned()))
+        self.folder(name)?
+            .ok_or_else(|| StoreError::NoFolder(name.to_owned()))
     }
 
     /// Creates a folder; [`StoreError::FolderExists`] if it exists.
-    pub(super) fn create_folder(&mut self, name: &str, special: Option<&str>) -> Result<FolderInfo, StoreError> {
+    pub(super) fn create_folder(
+        &mut self,
+        name: &str,
+        special: Option<&str>,
+    ) -> Result<FolderInfo, StoreError> {
         let dir = folder_dir(name);
         let seed = i64::from(self.seed);
         let path = self.path.clone();
         self.write(|tx| {
-            let err = |source| StoreError::Index { path: path.clone(), source };
+            let err = |source| StoreError::Index {
+                path: path.clone(),
+                source,
+            };
             let exists = tx
                 .query_row("SELECT 1 FROM folders WHERE name = ?1", [name], |_| Ok(()))
                 .optional()
@@ -193,8 +223,9 @@ impl Index {
             // INBOX takes the seed from the location database; later folders take a value
             // above every one used so far, so a folder deleted and made again gets a new
             // UIDVALIDITY.
-            let max: Option<i64> =
-                tx.query_row("SELECT MAX(uidvalidity) FROM folders", [], |r| r.get(0)).map_err(err)?;
+            let max: Option<i64> = tx
+                .query_row("SELECT MAX(uidvalidity) FROM folders", [], |r| r.get(0))
+                .map_err(err)?;
             let uv = match max {
                 None => seed,
                 Some(m) => (m + 1).max(super::now()).min(i64::from(u32::MAX)),
@@ -206,12 +237,18 @@ impl Index {
             .map_err(err)?;
             Ok(())
         })?;
-        self.folder(name)?.ok_or_else(|| StoreError::NoFolder(name.to_owned()))
+        self.folder(name)?
+            .ok_or_else(|| StoreError::NoFolder(name.to_owned()))
     }
 
     /// Removes a folder and its messages from the index; returns their files.
-    pub(super) fn delete_folder(&mut self, name: &str) -> Result<(FolderInfo, Vec<String>), StoreError> {
-        let f = self.folder(name)?.ok_or_else(|| StoreError::NoFolder(name.to_owned()))?;
+    pub(super) fn delete_folder(
+        &mut self,
+        name: &str,
+    ) -> Result<(FolderInfo, Vec<String>), StoreError> {
+        let f = self
+            .folder(name)?
+            .ok_or_else(|| StoreError::NoFolder(name.to_owned()))?;
         let path = self.path.clone();
         let files = self.write(|tx| {
             let err = |source| StoreError::Index { path: path.clone(), source };
@@ -236,7 +273,11 @@ impl Index {
 
     /// Renames a folder (and its sub-folders) in the index; returns (old dir, new dir) pairs for
     /// the caller to rename on disk.
-    pub(super) fn rename_folder(&mut self, from: &str, to: &str) -> Result<Vec<(String, String)>, StoreError> {
+    pub(super) fn rename_folder(
+        &mut self,
+        from: &str,
+        to: &str,
+    ) -> Result<Vec<(String, String)>, StoreError> {
         let path = self.path.clone();
         self.write(|tx| {
             let err = |source| StoreError::Index { path: path.clone(), source };
@@ -283,9 +324,19 @@ impl Index {
         let path = self.path.clone();
         self.write(|tx| {
             let n = tx
-                .execute("UPDATE folders SET subscribed = ?2 WHERE name = ?1", params![name, on])
-                .map_err(|source| StoreError::Index { path: path.clone(), source })?;
-            if n == 0 { Err(StoreError::NoFolder(name.to_owned())) } else { Ok(()) }
+                .execute(
+                    "UPDATE folders SET subscribed = ?2 WHERE name = ?1",
+                    params![name, on],
+                )
+                .map_err(|source| StoreError::Index {
+                    path: path.clone(),
+                    source,
+                })?;
+            if n == 0 {
+                Err(StoreError::NoFolder(name.to_owned()))
+            } else {
+                Ok(())
+            }
         })
     }
 
@@ -316,13 +367,17 @@ impl Index {
                 "SELECT COUNT(*), COALESCE(SUM(instr(' ' || m.flags || ' ', ' \\Seen ') = 0), 0)
                  FROM messages m JOIN folders f ON f.id = m.folder WHERE f.name = ?1",
             )
-            .and_then(|mut s| s.query_row([name], |r| Ok((clamp_u32(r.get(0)?), clamp_u32(r.get(1)?)))))
+            .and_then(|mut s| {
+                s.query_row([name], |r| Ok((clamp_u32(r.get(0)?), clamp_u32(r.get(1)?))))
+            })
             .map_err(self.err())
     }
 
     pub(super) fn usage(&self) -> Result<u64, StoreError> {
         self.conn
-            .query_row("SELECT bytes FROM usage WHERE id = 1", [], |r| r.get::<_, i64>(0))
+            .query_row("SELECT bytes FROM usage WHERE id = 1", [], |r| {
+                r.get::<_, i64>(0)
+            })
             .map(|b| b.max(0) as u64)
             .map_err(self.err())
     }
@@ -359,9 +414,16 @@ impl Index {
             }
             if rows.is_empty() {
                 uv = tx
-                    .query_row("SELECT uidvalidity FROM folders WHERE name = ?1", [folder], |r| r.get(0))
+                    .query_row(
+                        "SELECT uidvalidity FROM folders WHERE name = ?1",
+                        [folder],
+                        |r| r.get(0),
+                    )
                     .map(clamp_u32)
-                    .map_err(|source| StoreError::Index { path: path.clone(), source })?;
+                    .map_err(|source| StoreError::Index {
+                        path: path.clone(),
+                        source,
+                    })?;
             }
             Ok((uv, uids))
         })
@@ -397,7 +459,11 @@ impl Index {
             .and_then(|mut s| s.query_map(params![folder, m], |r| r.get::<_, i64>(0).map(clamp_u32))?.collect())
             .map_err(&err)?;
         let highest_modseq = self.folder(folder)?.map_or(0, |f| f.highest_modseq);
-        Ok(Changes { changed, expunged, highest_modseq })
+        Ok(Changes {
+            changed,
+            expunged,
+            highest_modseq,
+        })
     }
 
     /// Changes flags of `uids` in one transaction. With `unchanged_since` (CONDSTORE), messages
@@ -453,7 +519,11 @@ impl Index {
 
     /// Removes messages from the index in one transaction, leaving tombstones; returns their
     /// files.
-    pub(super) fn remove_messages(&mut self, folder: &str, uids: &[u32]) -> Result<Vec<String>, StoreError> {
+    pub(super) fn remove_messages(
+        &mut self,
+        folder: &str,
+        uids: &[u32],
+    ) -> Result<Vec<String>, StoreError> {
         let path = self.path.clone();
         self.write(|tx| {
             let err = |source| StoreError::Index { path: path.clone(), source };
@@ -493,10 +563,15 @@ impl Index {
 }
 
 fn folder_id(tx: &Transaction<'_>, folder: &str, path: &Path) -> Result<i64, StoreError> {
-    tx.query_row("SELECT id FROM folders WHERE name = ?1", [folder], |r| r.get(0))
-        .optional()
-        .map_err(|source| StoreError::Index { path: path.to_owned(), source })?
-        .ok_or_else(|| StoreError::NoFolder(folder.to_owned()))
+    tx.query_row("SELECT id FROM folders WHERE name = ?1", [folder], |r| {
+        r.get(0)
+    })
+    .optional()
+    .map_err(|source| StoreError::Index {
+        path: path.to_owned(),
+        source,
+    })?
+    .ok_or_else(|| StoreError::NoFolder(folder.to_owned()))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -510,7 +585,10 @@ fn insert_message(
     flags: &str,
     guid: &str,
 ) -> Result<Delivered, StoreError> {
-    let err = |source| StoreError::Index { path: path.to_owned(), source };
+    let err = |source| StoreError::Index {
+        path: path.to_owned(),
+        source,
+    };
     let row: Option<(i64, i64, i64, i64)> = tx
         .query_row(
             "SELECT id, uidvalidity, uidnext, highestmodseq + 1 FROM folders WHERE name = ?1",
@@ -519,13 +597,26 @@ fn insert_message(
         )
         .optional()
         .map_err(err)?;
-    let Some((id, uv, uid, modseq)) = row else { return Err(StoreError::NoFolder(folder.to_owned())) };
+    let Some((id, uv, uid, modseq)) = row else {
+        return Err(StoreError::NoFolder(folder.to_owned()));
+    };
     let size_i = i64::try_from(size).unwrap_or(i64::MAX);
     tx.prepare_cached(
         "INSERT INTO messages (folder, uid, file, size, internaldate, flags, modseq, guid)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )
-    .and_then(|mut s| s.execute(params![id, uid, file, size_i, internal_date, flags, modseq, guid]))
+    .and_then(|mut s| {
+        s.execute(params![
+            id,
+            uid,
+            file,
+            size_i,
+            internal_date,
+            flags,
+            modseq,
+            guid
+        ])
+    })
     .map_err(err)?;
     tx.prepare_cached("UPDATE folders SET uidnext = ?2, highestmodseq = ?3 WHERE id = ?1")
         .and_then(|mut s| s.execute(params![id, uid + 1, modseq]))
@@ -533,7 +624,10 @@ fn insert_message(
     tx.prepare_cached("UPDATE usage SET bytes = bytes + ?1, messages = messages + 1 WHERE id = 1")
         .and_then(|mut s| s.execute([size_i]))
         .map_err(err)?;
-    Ok(Delivered { uid_validity: clamp_u32(uv), uid: clamp_u32(uid) })
+    Ok(Delivered {
+        uid_validity: clamp_u32(uv),
+        uid: clamp_u32(uid),
+    })
 }
 
 /// Applies a STORE operation to a space-separated flag list. Flags compare case-insensitively
@@ -579,7 +673,9 @@ pub(super) fn folder_dir(name: &str) -> String {
     for b in name.bytes() {
         match b {
             b'/' => out.push('.'),
-            b if b.is_ascii_alphanumeric() || matches!(b, b' ' | b'_' | b'-') => out.push(b as char),
+            b if b.is_ascii_alphanumeric() || matches!(b, b' ' | b'_' | b'-') => {
+                out.push(b as char)
+            }
             b => out.push_str(&format!("%{b:02X}")),
         }
     }

@@ -95,7 +95,9 @@ pub(super) fn link_durably_later(src: &Path, dir: &Path, host: &str) -> Result<S
 
 /// fsyncs a directory.
 pub(super) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io("fsyncing", dir))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("fsyncing", dir))
 }
 
 /// A Maildir unique name: `<secs>.M<usecs>P<pid>Q<seq>.<host>`.

@@ -186,7 +186,12 @@ impl UserStore {
             maildir::create_tree(&dir.join(&folder.dir))?;
         }
         let (changes, _) = tokio::sync::broadcast::channel(256);
-        let store = Self { dir, host, index: Mutex::new(index), changes };
+        let store = Self {
+            dir,
+            host,
+            index: Mutex::new(index),
+            changes,
+        };
         store.reconcile()?;
         Ok(store)
     }
@@ -235,7 +240,10 @@ impl UserStore {
             .index()
             .add_message(folder, &rel, size, internal_date, "", &guid);
         match r {
-            Ok(d) => Ok(d),
+            Ok(d) => {
+                self.notify(folder);
+                Ok(d)
+            }
             Err(e) => {
                 // The index refused: take the file back out so it is not indexed later as a
                 // message the sender was told failed (they will retry).
@@ -267,7 +275,9 @@ impl UserStore {
         let size = data.len() as u64;
         let (folder_dir, used) = {
             let ix = self.index();
-            let f = ix.folder(folder)?.ok_or_else(|| StoreError::NoFolder(folder.to_owned()))?;
+            let f = ix
+                .folder(folder)?
+                .ok_or_else(|| StoreError::NoFolder(folder.to_owned()))?;
             (f.dir, ix.usage()?)
         };
         if quota > 0 && used + size > quota {
@@ -277,7 +287,14 @@ impl UserStore {
         maildir::create_tree(&fdir)?;
         let file = maildir::write_durably(&fdir, &self.host, data)?;
         let rel = join_rel(&folder_dir, &file);
-        match self.index().add_message(folder, &rel, size, internal_date, flags, &content_guid(data)) {
+        match self.index().add_message(
+            folder,
+            &rel,
+            size,
+            internal_date,
+            flags,
+            &content_guid(data),
+        ) {
             Ok(d) => {
                 self.notify(folder);
                 Ok(d)
@@ -293,10 +310,18 @@ impl UserStore {
     /// the target's `cur/` (so a copy costs no data), the directory fsynced, then all index rows
     /// go in one transaction. Returns the target's UIDVALIDITY and (source, new) UID pairs.
     /// Blocking.
-    pub fn copy(&self, from: &str, uids: &[u32], to: &str, quota: u64) -> Result<(u32, Vec<(u32, u32)>), StoreError> {
+    pub fn copy(
+        &self,
+        from: &str,
+        uids: &[u32],
+        to: &str,
+        quota: u64,
+    ) -> Result<(u32, Vec<(u32, u32)>), StoreError> {
         let (src, dst_dir, used) = {
             let ix = self.index();
-            let dst = ix.folder(to)?.ok_or_else(|| StoreError::NoFolder(to.to_owned()))?;
+            let dst = ix
+                .folder(to)?
+                .ok_or_else(|| StoreError::NoFolder(to.to_owned()))?;
             (ix.messages(from)?, dst.dir, ix.usage()?)
         };
         let wanted: std::collections::HashSet<u32> = uids.iter().copied().collect();
@@ -310,7 +335,13 @@ impl UserStore {
         let mut rows = Vec::with_capacity(picked.len());
         for m in &picked {
             let name = maildir::link_durably_later(&self.dir.join(&m.file), &fdir, &self.host)?;
-            rows.push((join_rel(&dst_dir, &name), m.size, m.internal_date, m.flags.clone(), m.guid.clone()));
+            rows.push((
+                join_rel(&dst_dir, &name),
+                m.size,
+                m.internal_date,
+                m.flags.clone(),
+                m.guid.clone(),
+            ));
         }
         maildir::sync_dir(&fdir.join("cur"))?;
         let r = self.index().add_messages(to, &rows);
@@ -338,7 +369,9 @@ impl UserStore {
         flags: &[String],
         unchanged_since: Option<u64>,
     ) -> Result<(Vec<MessageMeta>, Vec<u32>), StoreError> {
-        let r = self.index().store_flags(folder, uids, op, flags, unchanged_since)?;
+        let r = self
+            .index()
+            .store_flags(folder, uids, op, flags, unchanged_since)?;
         if !r.0.is_empty() {
             self.notify(folder);
         }
@@ -395,7 +428,11 @@ impl UserStore {
         for (old, new) in moves {
             let (o, n) = (self.dir.join(&old), self.dir.join(&new));
             if o.exists() {
-                std::fs::rename(&o, &n).map_err(|source| StoreError::Io { what: "renaming", path: o, source })?;
+                std::fs::rename(&o, &n).map_err(|source| StoreError::Io {
+                    what: "renaming",
+                    path: o,
+                    source,
+                })?;
             }
         }
         maildir::sync_dir(&self.dir)?;
@@ -491,7 +528,11 @@ impl UserStore {
 
 /// A message file's path relative to the mailbox directory.
 fn join_rel(folder_dir: &str, name: &str) -> String {
-    if folder_dir.is_empty() { format!("cur/{name}") } else { format!("{folder_dir}/cur/{name}") }
+    if folder_dir.is_empty() {
+        format!("cur/{name}")
+    } else {
+        format!("{folder_dir}/cur/{name}")
+    }
 }
 
 /// A stable content id: the first 128 bits of SHA-256, hex. Used to verify migrations and as

@@ -156,14 +156,18 @@ fn flags_copy_and_changes() {
     u.deliver("INBOX", b"one\r\n", 0).unwrap();
     u.deliver("INBOX", b"two\r\n", 0).unwrap();
     let before = u.folder("INBOX").unwrap().unwrap().highest_modseq;
-    let (changed, refused) =
-        u.store_flags("INBOX", &[1, 2], FlagOp::Add, &["\\Seen".into()], None).unwrap();
+    let (changed, refused) = u
+        .store_flags("INBOX", &[1, 2], FlagOp::Add, &["\\Seen".into()], None)
+        .unwrap();
     assert_eq!((changed.len(), refused.len()), (2, 0));
     // Unchanged flags keep their modseq; CONDSTORE refuses messages changed since.
-    let (again, _) = u.store_flags("INBOX", &[1], FlagOp::Add, &["\\SEEN".into()], None).unwrap();
+    let (again, _) = u
+        .store_flags("INBOX", &[1], FlagOp::Add, &["\\SEEN".into()], None)
+        .unwrap();
     assert!(again.is_empty());
-    let (_, refused) =
-        u.store_flags("INBOX", &[1], FlagOp::Add, &["$x".into()], Some(before)).unwrap();
+    let (_, refused) = u
+        .store_flags("INBOX", &[1], FlagOp::Add, &["$x".into()], Some(before))
+        .unwrap();
     assert_eq!(refused, vec![1]);
     assert_eq!(u.counts("INBOX").unwrap(), (2, 0));
     let (uv, pairs) = u.copy("INBOX", &[2, 1, 9], "Trash", 0).unwrap();
@@ -176,7 +180,11 @@ fn flags_copy_and_changes() {
     let c = u.changes_since("INBOX", before).unwrap();
     assert_eq!(c.expunged, vec![1]);
     assert_eq!(c.changed.iter().map(|m| m.uid).collect::<Vec<_>>(), vec![2]);
-    assert_eq!(u.usage().unwrap(), 5 + 10, "a copy counts against the quota");
+    assert_eq!(
+        u.usage().unwrap(),
+        5 + 10,
+        "a copy counts against the quota"
+    );
 }
 
 #[test]
@@ -185,11 +193,18 @@ fn folders_are_created_renamed_and_deleted() {
     let u = s.user("a@example.test", 1).unwrap();
     u.create_folder("Archive").unwrap();
     u.create_folder("Archive/2024").unwrap();
-    assert!(matches!(u.create_folder("Archive"), Err(StoreError::FolderExists(_))));
-    u.append("Archive/2024", b"old\r\n", "\\Seen", 1_600_000_000, 0).unwrap();
+    assert!(matches!(
+        u.create_folder("Archive"),
+        Err(StoreError::FolderExists(_))
+    ));
+    u.append("Archive/2024", b"old\r\n", "\\Seen", 1_600_000_000, 0)
+        .unwrap();
     u.rename_folder("Archive", "Old").unwrap();
     let names: Vec<String> = u.folders().unwrap().into_iter().map(|f| f.name).collect();
-    assert!(names.contains(&"Old/2024".to_owned()) && !names.contains(&"Archive".to_owned()), "{names:?}");
+    assert!(
+        names.contains(&"Old/2024".to_owned()) && !names.contains(&"Archive".to_owned()),
+        "{names:?}"
+    );
     let m = &u.messages("Old/2024").unwrap()[0];
     assert_eq!(std::fs::read(u.path_of(m)).unwrap(), b"old\r\n");
     assert_eq!(m.internal_date, 1_600_000_000);
@@ -197,7 +212,10 @@ fn folders_are_created_renamed_and_deleted() {
     u.rename_folder("INBOX", "Saved").unwrap();
     assert_eq!(u.messages("INBOX").unwrap().len(), 0);
     assert_eq!(u.messages("Saved").unwrap().len(), 1);
-    assert!(matches!(u.delete_folder("INBOX"), Err(StoreError::NotAllowed(_))));
+    assert!(matches!(
+        u.delete_folder("INBOX"),
+        Err(StoreError::NotAllowed(_))
+    ));
     u.delete_folder("Old/2024").unwrap();
     assert!(!u.dir().join(".Old.2024").exists());
     assert_eq!(u.usage().unwrap(), 3);

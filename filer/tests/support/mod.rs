@@ -20,6 +20,7 @@ pub struct TestFiler {
     pub _dir: tempfile::TempDir,
     pub lmtp: SocketAddr,
     pub pop3: SocketAddr,
+    pub imap: SocketAddr,
     pub root: std::path::PathBuf,
     pub db: Arc<Sqlite>,
     pub shutdown: CancellationToken,
@@ -52,6 +53,8 @@ pub async fn start(configure: impl FnOnce(&mut Shared)) -> TestFiler {
     let lmtp = listener.local_addr().unwrap();
     let pop3_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let pop3 = pop3_listener.local_addr().unwrap();
+    let imap_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let imap = imap_listener.local_addr().unwrap();
     for name in ["f1", "f2"] {
         let f = Filer {
             name: name.into(),
@@ -86,7 +89,7 @@ pub async fn start(configure: impl FnOnce(&mut Shared)) -> TestFiler {
     let shutdown = CancellationToken::new();
     let listeners = filer::Listeners {
         lmtp: Some(listener),
-        imap: None,
+        imap: Some(imap_listener),
         pop3: Some(pop3_listener),
     };
     let task = tokio::spawn(filer::serve(
@@ -99,6 +102,7 @@ pub async fn start(configure: impl FnOnce(&mut Shared)) -> TestFiler {
         _dir: dir,
         lmtp,
         pop3,
+        imap,
         root,
         db,
         shutdown,
