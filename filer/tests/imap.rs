@@ -248,3 +248,24 @@ async fn untrusted_peers_and_plain_logins_are_refused() {
     r.read_line(&mut buf).await.unwrap();
     assert!(buf.starts_with("* BYE [UNAVAILABLE]"), "{buf}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endless_line_is_cut_off() {
+    let f = start(|_| {}).await;
+    let mut c = Raw::connect(f.imap).await;
+    c.login("a@example.test").await;
+    // 1 MiB without a line end: the session ends instead of buffering it.
+    let chunk = "x".repeat(64 * 1024);
+    for _ in 0..16 {
+        if c.w.write_all(chunk.as_bytes()).await.is_err() {
+            break;
+        }
+    }
+    assert_eq!(c.line().await, "* BYE line too long\r\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_and_error_paths_transcript() {
+    let f = start(|_| {}).await;
+    support::play_lines(f.imap, include_str!("transcripts/imap_commands.txt")).await;
+}

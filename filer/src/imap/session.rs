@@ -97,6 +97,10 @@ pub(super) struct Session {
     changes: Option<broadcast::Receiver<String>>,
     close: bool,
     peer: std::net::SocketAddr,
+    /// Bytes received since the last complete fragment, and how many the next fragment may
+    /// take (a line, or an accepted literal).
+    pending: u64,
+    allowance: u64,
 }
 
 /// Runs one IMAP session to its end.
@@ -120,6 +124,8 @@ pub(crate) async fn run(
         changes: None,
         close: false,
         peer,
+        pending: 0,
+        allowance: u64::from(MAX_LINE),
     };
     s.line(&format!(
         "* OK [CAPABILITY {CAPABILITIES} AUTH=PLAIN] filer ready"
@@ -152,11 +158,15 @@ impl Session {
         loop {
             // 1. Handle every complete message already received.
             while let Some(info) = self.frag.progress() {
+                // Bytes may arrive for the next fragment: a line, or the announced literal.
+                self.pending = 0;
+                self.allowance = u64::from(MAX_LINE);
                 if let FragmentInfo::Line {
                     announcement: Some(a),
                     ..
                 } = info
                 {
+                    self.allowance += u64::from(a.length);
                     self.on_literal_announced(a.length, a.mode);
                 }
                 if self.frag.is_message_complete() {
@@ -194,7 +204,16 @@ impl Session {
                         return Ok(());
                     }
                     Ok(Ok(0)) => return Ok(()),
-                    Ok(Ok(n)) => self.frag.enqueue_bytes(&buf[..n]),
+                    Ok(Ok(n)) => {
+                        // A line (or literal) that never ends must not grow without bound.
+                        self.pending += n as u64;
+                        if self.pending > self.allowance {
+                            self.line("* BYE line too long");
+                            self.flush().await?;
+                            return Ok(());
+                        }
+                        self.frag.enqueue_bytes(&buf[..n]);
+                    }
                     Ok(Err(e)) => return Err(e),
                 },
                 changed = recv(changes), if idling => {
@@ -310,7 +329,7 @@ impl Session {
                 self.line(&format!("* CAPABILITY {CAPABILITIES}{extra}"));
                 self.ok(&tag, "CAPABILITY completed");
             }
-            CommandBody::Noop | CommandBody::Check => {
+            CommandBody::Noop => {
                 self.sync(true).await;
                 self.ok(&tag, "completed");
             }
@@ -453,6 +472,10 @@ impl Session {
             }
             _ if self.selected().is_none() => {
                 self.line(&format!("{tag} BAD select a mailbox first"))
+            }
+            CommandBody::Check => {
+                self.sync(true).await;
+                self.ok(&tag, "CHECK completed");
             }
             CommandBody::Close => {
                 if let Some((u, sel)) = self.selected()
