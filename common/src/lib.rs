@@ -12,6 +12,8 @@
 //!   SMTP/LMTP client for every hand-off.
 //! - [`tls`]: server and client TLS configuration; a self-signed certificate in dev mode.
 //! - [`net`]: connection ids, trusted networks and the accept-loop helpers.
+//! - [`queue`]: the durable message queue (spool and relay): message files, envelopes with
+//!   per-recipient state, group commit of fsyncs, per-entry locks for operators' changes.
 //! - `testkit` (feature `test-util`): what tests of every crate share.
 //!
 //! `common` trusts nothing on its own: callers pass the configured trusted networks and secrets.
@@ -22,6 +24,7 @@ pub mod config;
 pub mod location;
 pub mod net;
 pub mod pop3;
+pub mod queue;
 pub mod smtp;
 pub mod tls;
 

@@ -25,6 +25,9 @@ pub struct PlatformFile {
     pub trust: TrustFile,
     /// `[[filers]]`: the filers this host runs. Default: two, `filer1` and `filer2`.
     pub filers: Vec<filer::FileConfig>,
+    /// `[spool]`: the inbound MX and its queue. Default: enabled, SMTP on `127.0.0.1:2525`,
+    /// reinjection on `127.0.0.1:10025`.
+    pub spool: spool::FileConfig,
 }
 
 impl Default for PlatformFile {
@@ -38,6 +41,7 @@ impl Default for PlatformFile {
                 filer::FileConfig::numbered(1),
                 filer::FileConfig::numbered(2),
             ],
+            spool: spool::FileConfig::default(),
         }
     }
 }
@@ -49,6 +53,8 @@ pub struct PlatformSettings {
     pub shared: Arc<Shared>,
     /// The filers this host runs.
     pub filers: Vec<Arc<filer::Settings>>,
+    /// The spool, unless `[spool] enabled = false`.
+    pub spool: Option<Arc<spool::Settings>>,
 }
 
 impl PlatformSettings {
@@ -80,27 +86,41 @@ impl PlatformSettings {
             }
             filers.push(Arc::new(s));
         }
-        check_listen_conflicts(&filers, &mut p);
+        let spool = spool::Settings::build(&file.spool, "spool", &shared, &mut p);
+        let spool = file.spool.enabled.then(|| Arc::new(spool));
+        check_listen_conflicts(&filers, spool.as_deref(), &mut p);
         p.into_result(Self {
             shared: Arc::new(shared),
             filers,
+            spool,
         })
     }
 }
 
-fn check_listen_conflicts(filers: &[Arc<filer::Settings>], p: &mut Problems) {
-    let mut seen: Vec<(std::net::SocketAddr, String)> = Vec::new();
+fn check_listen_conflicts(
+    filers: &[Arc<filer::Settings>],
+    spool: Option<&spool::Settings>,
+    p: &mut Problems,
+) {
+    let mut all = Vec::new();
     for (i, f) in filers.iter().enumerate() {
         for (what, addr) in [("lmtp", f.lmtp), ("imap", f.imap), ("pop3", f.pop3)] {
-            let Some(addr) = addr else { continue };
-            let key = format!("filers[{i}].{what}");
-            if addr.port() != 0
-                && let Some((_, other)) = seen.iter().find(|(a, _)| *a == addr)
-            {
-                p.push(&key, format!("{addr} is already used by {other}"));
-            }
-            seen.push((addr, key));
+            all.push((format!("filers[{i}].{what}"), addr));
         }
+    }
+    if let Some(s) = spool {
+        all.push(("spool.smtp".to_owned(), s.smtp));
+        all.push(("spool.reinject".to_owned(), s.reinject));
+    }
+    let mut seen: Vec<(std::net::SocketAddr, String)> = Vec::new();
+    for (key, addr) in all {
+        let Some(addr) = addr else { continue };
+        if addr.port() != 0
+            && let Some((_, other)) = seen.iter().find(|(a, _)| *a == addr)
+        {
+            p.push(&key, format!("{addr} is already used by {other}"));
+        }
+        seen.push((addr, key));
     }
 }
 
@@ -112,6 +132,9 @@ mod tests {
     fn no_file_is_the_all_in_one_platform() {
         let s = PlatformSettings::load(None).unwrap();
         assert_eq!(s.filers.len(), 2);
+        let spool = s.spool.as_ref().unwrap();
+        assert_eq!(spool.smtp.unwrap().to_string(), "127.0.0.1:2525");
+        assert_eq!(spool.queue_dir, std::path::PathBuf::from("./data/spool"));
         assert!(s.filers.iter().all(|f| f.lmtp.unwrap().ip().is_loopback()));
         assert_eq!(s.shared.data_dir, std::path::PathBuf::from("./data"));
     }

@@ -6,4 +6,5 @@
 pub mod admin;
 pub mod config;
 pub mod platform;
+pub mod queue;
 pub mod runfile;

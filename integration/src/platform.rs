@@ -21,6 +21,8 @@ pub struct Running {
     pub listeners: Vec<Listener>,
     /// The filers' bound addresses, by name.
     pub filers: Vec<FilerAddrs>,
+    /// The spool's bound SMTP and reinjection addresses, when it runs.
+    pub spool: Option<(Option<SocketAddr>, Option<SocketAddr>)>,
     /// The location database (cached), as the services see it.
     pub directory: Arc<dyn Directory>,
     shutdown: CancellationToken,
@@ -90,6 +92,11 @@ fn local(l: &Option<TcpListener>) -> Option<SocketAddr> {
 pub async fn start(settings: PlatformSettings) -> anyhow::Result<Running> {
     std::fs::create_dir_all(&settings.shared.data_dir)
         .with_context(|| format!("creating {}", settings.shared.data_dir.display()))?;
+    // Made once here: services started together must not race to create it.
+    let shared = settings.shared.clone();
+    tokio::task::spawn_blocking(move || shared.resolve_proxy_secret())
+        .await?
+        .context("making the proxy secret")?;
     let sqlite = open_directory(&settings).await?;
     let directory: Arc<dyn Directory> =
         Arc::new(Cached::new(Arc::new(sqlite), settings.shared.cache_ttl));
@@ -135,8 +142,33 @@ pub async fn start(settings: PlatformSettings) -> anyhow::Result<Running> {
     let registered = PlatformSettings {
         shared: settings.shared.clone(),
         filers: bound_settings.iter().map(|(s, _)| s.clone()).collect(),
+        spool: None,
     };
     register_filers(&registered, directory.as_ref()).await?;
+
+    let mut spool_addrs = None;
+    if let Some(s) = &settings.spool {
+        let l = spool::Listeners {
+            smtp: bind(s.smtp, "spool smtp").await?,
+            reinject: bind(s.reinject, "spool reinject").await?,
+        };
+        let addrs = (local(&l.smtp), local(&l.reinject));
+        for (proto, a) in [("smtp", addrs.0), ("reinject", addrs.1)] {
+            if let Some(a) = a {
+                listeners.push(Listener {
+                    service: "spool".into(),
+                    protocol: proto.into(),
+                    address: a.to_string(),
+                });
+            }
+        }
+        spool_addrs = Some(addrs);
+        let (s, dir, token) = (s.clone(), directory.clone(), shutdown.child_token());
+        tasks.spawn(async move {
+            let r = spool::serve(s, dir, l, token).await;
+            ("spool".to_owned(), r.map_err(anyhow::Error::from))
+        });
+    }
 
     for (s, l) in bound_settings {
         let token = shutdown.child_token();
@@ -151,6 +183,7 @@ pub async fn start(settings: PlatformSettings) -> anyhow::Result<Running> {
     Ok(Running {
         listeners,
         filers,
+        spool: spool_addrs,
         directory,
         shutdown,
         tasks,

@@ -1,36 +1,147 @@
-//! The spool service: the inbound MX: accepts internet mail for hosted domains, queues it durably, hands it to the filter and delivers it to filers over LMTP.
+//! The spool: the inbound MX.
 //!
-//! Not built yet (TODO(#5)): only the entry point exists, so the platform can be assembled.
+//! - **In:** SMTP from the internet on the MX listener, for hosted domains only: every
+//!   recipient is checked against the location database at RCPT time (unknown: `550 5.1.1`;
+//!   database unreachable: `451 4.3.0`; other domains and relay syntax: `554 5.7.1`), aliases
+//!   are expanded, and a message is on disk, fsynced, before its `250`. Mail returning from the
+//!   filter comes in on the reinjection listener, from `trust.spool_networks` only.
+//! - **Queue:** [`common::queue`], in `spool.queue_dir`; re-read at start after a crash.
+//! - **Out:** the queue runner groups each message's recipients by filer and delivers over
+//!   LMTP, one reply per recipient; 4xx and unreachable filers retry with backoff, 5xx bounce
+//!   (RFC 3464) to a non-null sender. TODO(#7): hand new mail to the filter first.
+//! - **Trusts:** nothing from the MX listener; the reinjection listener trusts its peers'
+//!   envelopes (they are the filter).
+//!
+//! The session (`session/`, one file per verb) runs on the SMTP core of `common::smtp`.
 
+mod bounce;
+mod deliver;
+mod listener;
+mod runner;
+mod session;
+mod settings;
+
+use std::sync::Arc;
+
+use common::location::Directory;
+use common::queue::{Queue, StoreError};
+use common::tls::{Identity, TlsError};
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-/// This service's validated settings.
-#[derive(Debug, Clone, Default)]
-pub struct Settings {}
+pub use settings::{FileConfig, Settings};
 
-/// The already-bound listeners of this service.
+/// The already-bound listeners of the spool.
 #[derive(Debug, Default)]
 pub struct Listeners {
-    /// The listeners.
-    pub listeners: Vec<TcpListener>,
+    /// The MX listener (SMTP from the internet).
+    pub smtp: Option<TcpListener>,
+    /// The reinjection listener (SMTP from the filter, trusted networks only).
+    pub reinject: Option<TcpListener>,
 }
 
-/// Why the service stopped serving.
+/// Why the spool stopped serving.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     /// A listener failed for good.
     #[error("accept failed: {0}")]
     Accept(#[source] std::io::Error),
+    /// The queue directory could not be opened or read.
+    #[error("queue: {0}")]
+    Queue(#[from] StoreError),
+    /// No TLS certificate could be loaded for STARTTLS.
+    #[error("tls: {0}")]
+    Tls(#[from] TlsError),
 }
 
-/// Serves until `shutdown` is cancelled.
+/// What every session and the queue runner share.
+pub(crate) struct Spool {
+    pub(crate) settings: Arc<Settings>,
+    pub(crate) directory: Arc<dyn Directory>,
+    pub(crate) queue: Queue,
+    /// STARTTLS on the MX listener; `None` when turned off.
+    pub(crate) tls: Option<TlsAcceptor>,
+    pub(crate) scheduler: runner::Scheduler,
+    pub(crate) filer_limits: deliver::FilerLimits,
+    pub(crate) per_ip: Arc<listener::PerIp>,
+}
+
+/// Serves the listeners and runs the queue until `shutdown` is cancelled. The queue is
+/// recovered first, so mail accepted before a crash is delivered.
 pub async fn serve(
-    settings: std::sync::Arc<Settings>,
+    settings: Arc<Settings>,
+    directory: Arc<dyn Directory>,
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    let _ = (settings, listeners);
-    shutdown.cancelled().await;
+    let dir = settings.queue_dir.clone();
+    let (queue, entries) = blocking(move || {
+        let q = Queue::open(&dir)?;
+        let entries = q.recover()?;
+        Ok::<_, ServeError>((q, entries))
+    })
+    .await?;
+    let tls = if settings.starttls {
+        let shared = settings.shared.clone();
+        let config = blocking(move || {
+            Ok::<_, ServeError>(Identity::from_settings(&shared)?.server_config()?)
+        })
+        .await?;
+        Some(TlsAcceptor::from(config))
+    } else {
+        None
+    };
+    let spool = Arc::new(Spool {
+        settings: settings.clone(),
+        directory,
+        queue,
+        tls,
+        scheduler: runner::Scheduler::default(),
+        filer_limits: deliver::FilerLimits::default(),
+        per_ip: Arc::default(),
+    });
+    let held = entries.iter().filter(|e| e.held).count();
+    for e in &entries {
+        if !e.held {
+            spool
+                .scheduler
+                .schedule(e.id.clone(), e.next_try_ms().unwrap_or(0));
+        }
+    }
+    tracing::info!(entries = entries.len(), held, "queue recovered");
+
+    let mut tasks = tokio::task::JoinSet::new();
+    {
+        let (s, t) = (spool.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            runner::run(s, t).await;
+            Ok(())
+        });
+    }
+    if let Some(l) = listeners.smtp {
+        tasks.spawn(listener::serve_mx(spool.clone(), l, shutdown.clone()));
+    }
+    if let Some(l) = listeners.reinject {
+        tasks.spawn(listener::serve_reinject(spool.clone(), l, shutdown.clone()));
+    }
+    while let Some(r) = tasks.join_next().await {
+        let e = match r {
+            Ok(Ok(())) => continue,
+            Ok(Err(e)) => e,
+            Err(e) => std::io::Error::other(e),
+        };
+        shutdown.cancel();
+        while tasks.join_next().await.is_some() {}
+        return Err(ServeError::Accept(e));
+    }
     Ok(())
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ServeError> + Send + 'static,
+) -> Result<T, ServeError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ServeError::Accept(std::io::Error::other(e)))?
 }

@@ -875,7 +875,10 @@ fn tokenize(value: &[u8]) -> Vec<Token> {
                 space = false;
             }
             _ => {
+                // An atom; a stray `)` or `]` is taken as part of one, so that every round
+                // consumes at least one byte.
                 let start = c.pos;
+                c.bump();
                 while c
                     .peek()
                     .is_some_and(|b| !b" \t\r\n()\"[<>:;@,".contains(&b))
@@ -1712,6 +1715,9 @@ PNG
             ("", "NIL"),
             ("   ", "NIL"),
             ("(just a comment)", "NIL"),
+            // Regression: a stray `)` once made the tokenizer loop without consuming input.
+            ("a) b@c", "((NIL NIL \"a)b\" \"c\"))"),
+            ("x@y)", "((NIL NIL \"x\" \"y)\"))"),
         ];
         for (value, expected) in cases {
             let raw = crlf(&format!("To: {value}\n\n"));

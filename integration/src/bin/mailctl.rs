@@ -33,8 +33,9 @@ struct Cli {
 enum Command {
     /// Run the services the configuration enables, in this process, until SIGINT or SIGTERM.
     ///
-    /// All-in-one default listeners (loopback): filer1 LMTP 127.0.0.1:2401, IMAP :2143,
-    /// POP3 :2110; filer2 LMTP 127.0.0.1:2402, IMAP :2144, POP3 :2111.
+    /// All-in-one default listeners (loopback): spool SMTP 127.0.0.1:2525, reinjection
+    /// 127.0.0.1:10025; filer1 LMTP 127.0.0.1:2401, IMAP :2143, POP3 :2110; filer2 LMTP
+    /// 127.0.0.1:2402, IMAP :2144, POP3 :2111.
     Up,
     /// Show whether the platform runs, its listeners, and the database's contents.
     Status {
@@ -53,9 +54,57 @@ enum Command {
     /// Storage servers.
     #[command(subcommand)]
     Filer(FilerCmd),
+    /// The spool's queue (works while the spool runs).
+    #[command(subcommand)]
+    Queue(QueueCmd),
     /// Configuration.
     #[command(subcommand)]
     Config(ConfigCmd),
+}
+
+#[derive(Subcommand)]
+enum QueueCmd {
+    /// List queued messages.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one message: envelope, recipients with their state, headers.
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Try the pending recipients now.
+    Retry {
+        ids: Vec<String>,
+        /// Every entry.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop delivery attempts until released.
+    Hold {
+        #[arg(required = true)]
+        ids: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Release held messages and try them now.
+    Release {
+        #[arg(required = true)]
+        ids: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove messages from the queue, without bounces.
+    Delete {
+        #[arg(required = true)]
+        ids: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -182,12 +231,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             for f in &settings.filers {
                 println!("filer {}: mail in {}", f.name, f.mail_root.display());
             }
+            if let Some(s) = &settings.spool {
+                println!("spool: queue in {}", s.queue_dir.display());
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Domain(c) => domain(&settings, c).await,
         Command::User(c) => user(&settings, c).await,
         Command::Alias(c) => alias(&settings, c).await,
         Command::Filer(c) => filer(&settings, c).await,
+        Command::Queue(c) => tokio::task::spawn_blocking(move || queue_cmd(&settings, c)).await?,
     }
 }
 
@@ -250,9 +303,22 @@ async fn wait_for_signal() {
     }
 }
 
+/// Opens the database for an administration command. Configured filers missing from it are
+/// registered; existing ones are left alone, so a command run beside a platform on ephemeral
+/// ports does not overwrite the addresses it really bound.
 async fn open(settings: &PlatformSettings) -> anyhow::Result<Arc<dyn Directory>> {
     let db = platform::open_directory(settings).await?;
-    platform::register_filers(settings, &db).await?;
+    let mut missing = Vec::new();
+    for f in &settings.filers {
+        if db.filer(&f.name).await?.is_none() {
+            missing.push(f.clone());
+        }
+    }
+    let missing = PlatformSettings {
+        filers: missing,
+        ..settings.clone()
+    };
+    platform::register_filers(&missing, &db).await?;
     Ok(Arc::new(db))
 }
 
@@ -343,6 +409,84 @@ async fn status(settings: &PlatformSettings, json: bool) -> anyhow::Result<ExitC
     } else {
         ExitCode::from(3)
     })
+}
+
+fn queue_cmd(settings: &PlatformSettings, cmd: QueueCmd) -> anyhow::Result<ExitCode> {
+    use integration::queue::{self as q, Change};
+    let queue = q::open(settings)?;
+    let (ids, change, json) = match cmd {
+        QueueCmd::List { json } => {
+            let entries = queue.list()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&entries)?);
+            } else {
+                print!("{}", q::format_list(&entries));
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        QueueCmd::Show { id, json } => {
+            let id = q::parse_id(&id)?;
+            let Some(env) = queue.load(&id)? else {
+                bail!("no queue entry {id}");
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&env)?);
+            } else {
+                print!("{}", q::format_entry(&env, &queue.read_message(&id)?));
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        QueueCmd::Retry { ids, all, json } => {
+            if all {
+                return retry_all(&queue, json);
+            }
+            (ids, Change::Retry, json)
+        }
+        QueueCmd::Hold { ids, json } => (ids, Change::Hold, json),
+        QueueCmd::Release { ids, json } => (ids, Change::Release, json),
+        QueueCmd::Delete { ids, json } => (ids, Change::Delete, json),
+    };
+    let mut done = Vec::new();
+    for id in &ids {
+        let id = q::parse_id(id)?;
+        let env = q::apply(&queue, &id, change)?;
+        if !json {
+            let verb = match change {
+                Change::Retry => "will retry",
+                Change::Hold => "held",
+                Change::Release => "released",
+                Change::Delete => "deleted",
+            };
+            println!("{verb} {id}");
+        }
+        done.push(serde_json::json!({ "id": id, "entry": env }));
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&done)?);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `mailctl queue retry --all`: entries delivered meanwhile are skipped, not an error.
+fn retry_all(queue: &common::queue::Queue, json: bool) -> anyhow::Result<ExitCode> {
+    use integration::queue::{self as q, Change};
+    let mut done = Vec::new();
+    for e in queue.list()? {
+        match q::apply(queue, &e.id, Change::Retry) {
+            Ok(env) => {
+                if !json {
+                    println!("will retry {}", e.id);
+                }
+                done.push(serde_json::json!({ "id": e.id, "entry": env }));
+            }
+            Err(_) if queue.load(&e.id)?.is_none() => {} // finished meanwhile
+            Err(err) => return Err(err),
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&done)?);
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn domain(settings: &PlatformSettings, cmd: DomainCmd) -> anyhow::Result<ExitCode> {

@@ -3,4 +3,5 @@
 
 mod filer;
 mod mailctl;
+mod spool;
 mod support;

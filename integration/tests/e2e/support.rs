@@ -97,5 +97,46 @@ impl Drop for Up {
     }
 }
 
-/// A config file with every listener on an ephemeral port and one or two filers.
-pub(crate) const EPHEMERAL_CONFIG: &str = "[[filers]]\nname = \"filer1\"\nlmtp = \"127.0.0.1:0\"\nimap = \"127.0.0.1:0\"\npop3 = \"127.0.0.1:0\"\n\n[[filers]]\nname = \"filer2\"\nlmtp = \"127.0.0.1:0\"\nimap = \"127.0.0.1:0\"\npop3 = \"127.0.0.1:0\"\n";
+/// A config file with every listener on an ephemeral port, two filers and a spool with
+/// test timings (short greeting delay, retries within a second, a short lookup cache).
+pub(crate) const EPHEMERAL_CONFIG: &str = "[database]\ncache_ttl = \"100ms\"\n\n[spool]\nsmtp = \"127.0.0.1:0\"\nreinject = \"127.0.0.1:0\"\ngreet_delay = \"50ms\"\nretry_min = \"100ms\"\nretry_max = \"500ms\"\n\n[[filers]]\nname = \"filer1\"\nlmtp = \"127.0.0.1:0\"\nimap = \"127.0.0.1:0\"\npop3 = \"127.0.0.1:0\"\n\n[[filers]]\nname = \"filer2\"\nlmtp = \"127.0.0.1:0\"\nimap = \"127.0.0.1:0\"\npop3 = \"127.0.0.1:0\"\n";
+
+/// The messages in `user`'s INBOX under a filer's mail root (`new/` and `cur/`), sorted.
+pub(crate) fn maildir(root: &Path, user: &str) -> Vec<String> {
+    let (local, domain) = user.split_once('@').unwrap();
+    let dir = root.join(domain).join(local);
+    let mut files = Vec::new();
+    for sub in ["new", "cur"] {
+        if let Ok(rd) = std::fs::read_dir(dir.join(sub)) {
+            files.extend(rd.flatten().map(|e| e.path()));
+        }
+    }
+    files.sort();
+    files
+        .into_iter()
+        .map(|p| String::from_utf8_lossy(&std::fs::read(p).unwrap()).into_owned())
+        .collect()
+}
+
+/// Waits (with a deadline) until `user`'s INBOX holds `n` messages, and returns them; the
+/// failure says what was there.
+pub(crate) fn wait_for_maildir(root: &Path, user: &str, n: usize) -> Vec<String> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let msgs = maildir(root, user);
+        if msgs.len() >= n {
+            assert_eq!(
+                msgs.len(),
+                n,
+                "{user}: more messages than expected: {msgs:#?}"
+            );
+            return msgs;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{user}: expected {n} message(s), found {}: {msgs:#?}",
+            msgs.len()
+        );
+        std::thread::sleep(Duration::from_millis(20)); // polling interval, not synchronisation
+    }
+}
