@@ -65,6 +65,8 @@ pub(crate) struct Spool {
     pub(crate) scheduler: runner::Scheduler,
     pub(crate) filer_limits: deliver::FilerLimits,
     pub(crate) per_ip: Arc<listener::PerIp>,
+    /// Clients that passed the early-talker test recently.
+    pub(crate) greet_passed: listener::GreetPassed,
 }
 
 /// Serves the listeners and runs the queue until `shutdown` is cancelled. The queue is
@@ -100,6 +102,7 @@ pub async fn serve(
         scheduler: runner::Scheduler::default(),
         filer_limits: deliver::FilerLimits::default(),
         per_ip: Arc::default(),
+        greet_passed: listener::GreetPassed::default(),
     });
     let held = entries.iter().filter(|e| e.held).count();
     for e in &entries {

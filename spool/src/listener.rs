@@ -14,6 +14,31 @@ use tokio_util::sync::CancellationToken;
 use crate::Spool;
 use crate::session::{self, Listener};
 
+/// How long a client that waited for the greeting is remembered (postscreen's
+/// `postscreen_greet_ttl` is one day).
+const GREET_PASS_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+/// Clients remembered at most (the table is cleared when full).
+const GREET_PASS_MAX: usize = 100_000;
+
+/// Client addresses that recently passed the early-talker test.
+#[derive(Default)]
+pub(crate) struct GreetPassed(Mutex<HashMap<IpAddr, tokio::time::Instant>>);
+
+impl GreetPassed {
+    fn is_fresh(&self, ip: IpAddr) -> bool {
+        let map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        map.get(&ip).is_some_and(|t| t.elapsed() < GREET_PASS_TTL)
+    }
+
+    fn insert(&self, ip: IpAddr) {
+        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if map.len() >= GREET_PASS_MAX {
+            map.clear();
+        }
+        map.insert(ip, tokio::time::Instant::now());
+    }
+}
+
 /// Time allowed to write a refusal before closing.
 const REFUSAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -48,9 +73,11 @@ pub(crate) async fn serve_mx(
                 return;
             };
             let delay = spool.settings.greet_delay;
-            if !delay.is_zero() {
+            // Like Postfix's postscreen, a client that passed the test recently is not made
+            // to wait again.
+            if !delay.is_zero() && !spool.greet_passed.is_fresh(peer.ip()) {
                 match talks_first(&stream, delay).await {
-                    Talk::Waited => {}
+                    Talk::Waited => spool.greet_passed.insert(peer.ip()),
                     Talk::Gone => return,
                     Talk::TalkedFirst => {
                         tracing::warn!("early talker: the client spoke before the greeting");
