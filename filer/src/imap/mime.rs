@@ -493,7 +493,7 @@ fn single(raw: &[u8], node: &Node, ext: bool) -> BodyStructure<'static> {
         },
         (_, Media::Text) => {
             // Dovecot (and RFC 2045 §5.2) gives text a charset when it names none.
-            if !ct.is_some_and(|ct| param(&ct.params, b"charset").is_some()) {
+            if ct.is_none_or(|ct| param(&ct.params, b"charset").is_none()) {
                 parameter_list.push((istr("charset"), istr("us-ascii")));
             }
             SpecificFields::Text {

@@ -658,7 +658,8 @@ inner body words
         let utf8 = |s: &str| AString::try_from(s.to_owned()).unwrap();
         assert!(m.search_key(&SearchKey::From(utf8("jürgen müller"))).0);
         assert!(m.search_key(&SearchKey::From(utf8("JÜRGEN"))).0);
-        assert!(m.search_key(&SearchKey::Subject(utf8("GRÜSSE"))).0 == false);
+        // Lower-casing, not full case folding: ß is not SS (Dovecot's i;unicode-casemap differs).
+        assert!(!m.search_key(&SearchKey::Subject(utf8("GRÜSSE"))).0);
         assert!(m.search_key(&SearchKey::Subject(utf8("grüße from"))).0);
     }
 

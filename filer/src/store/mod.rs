@@ -93,8 +93,12 @@ pub struct Delivered {
 pub struct Store {
     root: PathBuf,
     host: String,
-    open: Mutex<HashMap<String, Arc<UserStore>>>,
+    /// One slot per mailbox. Opening a mailbox holds its slot's lock, so a mailbox is opened
+    /// (and reconciled) once, never while a delivery to it is running in this process.
+    open: Mutex<HashMap<String, Slot>>,
 }
+
+type Slot = Arc<Mutex<Option<Arc<UserStore>>>>;
 
 impl Store {
     /// A store rooted at `root`; `host` goes into unique file names.
@@ -119,19 +123,31 @@ impl Store {
         address: &str,
         uid_validity_seed: u32,
     ) -> Result<Arc<UserStore>, StoreError> {
-        if let Some(u) = self.open.lock().ok().and_then(|m| m.get(address).cloned()) {
-            return Ok(u);
-        }
         let dir = self.root.join(user_path(address)?);
-        let user = Arc::new(UserStore::open(dir, self.host.clone(), uid_validity_seed)?);
-        if let Ok(mut open) = self.open.lock() {
+        let slot: Slot = {
+            let mut open = self
+                .open
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             if open.len() >= MAX_OPEN_MAILBOXES {
-                open.retain(|_, u| Arc::strong_count(u) > 1);
+                // Forget mailboxes nobody uses (no session, no delivery, not being opened).
+                open.retain(|_, slot| {
+                    Arc::strong_count(slot) > 1
+                        || slot.try_lock().map_or(true, |u| {
+                            u.as_ref().is_some_and(|u| Arc::strong_count(u) > 1)
+                        })
+                });
             }
-            // Another thread may have opened it meanwhile: keep the first one, so all sessions
-            // share one index handle and one change feed.
-            return Ok(open.entry(address.to_owned()).or_insert(user).clone());
+            open.entry(address.to_owned()).or_default().clone()
+        };
+        let mut guard = slot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(u) = guard.as_ref() {
+            return Ok(u.clone());
         }
+        let user = Arc::new(UserStore::open(dir, self.host.clone(), uid_validity_seed)?);
+        *guard = Some(user.clone());
         Ok(user)
     }
 

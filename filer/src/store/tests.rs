@@ -220,3 +220,28 @@ fn folders_are_created_renamed_and_deleted() {
     assert!(!u.dir().join(".Old.2024").exists());
     assert_eq!(u.usage().unwrap(), 3);
 }
+
+#[test]
+fn concurrent_first_deliveries_to_one_mailbox_all_succeed() {
+    // Regression: two threads opening the same mailbox at once each reconciled it, and one
+    // indexed a file the other had just linked but not yet committed.
+    let (_d, s) = store();
+    let s = std::sync::Arc::new(s);
+    let threads: Vec<_> = (0..16)
+        .map(|i| {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                let u = s.user("a@example.test", 1).unwrap();
+                u.deliver("INBOX", format!("message {i}\r\n").as_bytes(), 0)
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut uids: Vec<u32> = threads.into_iter().map(|t| t.join().unwrap().uid).collect();
+    uids.sort_unstable();
+    assert_eq!(uids, (1..=16).collect::<Vec<_>>());
+    let u = s.user("a@example.test", 1).unwrap();
+    for m in u.messages("INBOX").unwrap() {
+        assert!(u.path_of(&m).exists());
+    }
+}

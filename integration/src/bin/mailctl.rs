@@ -133,6 +133,14 @@ enum UserCmd {
         #[arg(long)]
         filer: Option<String>,
     },
+    /// Create many mailboxes: one `ADDRESS PASSWORD` per line on standard input (the password
+    /// is the rest of the line). Each line is one transaction; the first error stops the import
+    /// and says which line it was.
+    Import {
+        /// Quota for every mailbox, e.g. "1GiB"; 0 means unlimited.
+        #[arg(long, default_value = "0")]
+        quota: String,
+    },
     /// Change a mailbox's password (read like `user add`).
     Passwd { address: String },
     /// List mailboxes.
@@ -522,6 +530,43 @@ async fn domain(settings: &PlatformSettings, cmd: DomainCmd) -> anyhow::Result<E
 async fn user(settings: &PlatformSettings, cmd: UserCmd) -> anyhow::Result<ExitCode> {
     let db = open(settings).await?;
     match cmd {
+        UserCmd::Import { quota } => {
+            let quota = ByteSize::parse(&quota)
+                .map_err(|e| anyhow::anyhow!("--quota: {e}"))?
+                .bytes();
+            let lines: Vec<String> = std::io::stdin().lines().collect::<Result<_, _>>()?;
+            // Check every line before changing anything.
+            let mut todo = Vec::new();
+            for (i, line) in lines.iter().enumerate() {
+                let n = i + 1;
+                let line = line.trim_end_matches('\r');
+                if line.trim().is_empty() || line.starts_with('#') {
+                    continue;
+                }
+                let Some((address, password)) = line.split_once(' ') else {
+                    bail!("line {n}: expected ADDRESS PASSWORD");
+                };
+                let a = admin::parse_mailbox_address(address).with_context(|| format!("line {n}"))?;
+                todo.push((n, a.to_string(), password.to_owned()));
+            }
+            let mut added = 0usize;
+            // Hash two at a time: argon2 is the cost.
+            for chunk in todo.chunks(2) {
+                let mut tasks = Vec::new();
+                for (n, address, password) in chunk.iter().cloned() {
+                    let db = db.clone();
+                    tasks.push((
+                        n,
+                        tokio::spawn(async move { admin::user_add(db.as_ref(), &address, password, quota, None).await }),
+                    ));
+                }
+                for (n, t) in tasks {
+                    t.await?.with_context(|| format!("line {n}"))?;
+                    added += 1;
+                }
+            }
+            println!("added {added} mailbox(es)");
+        }
         UserCmd::Add {
             address,
             quota,
