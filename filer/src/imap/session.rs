@@ -501,7 +501,24 @@ impl Session {
             CommandBody::ExpungeUid { sequence_set } => {
                 self.expunge(&tag, Some(&sequence_set)).await
             }
-            CommandBody::Search { criteria, uid, .. } => self.search(&tag, &criteria, uid).await,
+            CommandBody::Search {
+                charset,
+                criteria,
+                uid,
+            } => {
+                // Search strings are matched as UTF-8 (US-ASCII is a subset).
+                let known = charset.as_ref().is_none_or(|c| {
+                    let c = c.as_ref().to_ascii_uppercase();
+                    c == "UTF-8" || c == "US-ASCII"
+                });
+                if known {
+                    self.search(&tag, &criteria, uid).await;
+                } else {
+                    self.line(&format!(
+                        "{tag} NO [BADCHARSET (UTF-8 US-ASCII)] unsupported charset"
+                    ));
+                }
+            }
             CommandBody::Fetch {
                 sequence_set,
                 macro_or_item_names,
