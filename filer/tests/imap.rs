@@ -1,6 +1,8 @@
 //! The filer's IMAP backend: Python's imaplib end to end, IDLE pushes, path traversal and
 //! literal limits over real sockets.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // helpers outside #[test] functions
+
 mod support;
 
 use std::collections::BTreeSet;

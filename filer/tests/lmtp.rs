@@ -1,5 +1,7 @@
 //! The filer's LMTP listener over real sockets, driven by transcripts and by hand.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // helpers outside #[test] functions
+
 mod support;
 
 use common::testkit::transcript;

@@ -1,5 +1,7 @@
 //! The filer's POP3 backend, driven by Python's poplib (a third-party client) and transcripts.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // helpers outside #[test] functions
+
 mod support;
 
 use std::process::Command;

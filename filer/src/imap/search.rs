@@ -6,9 +6,6 @@
 //! case-insensitive substring match on decoded text: RFC 2047 words in headers, and the transfer
 //! encoding and charset of text parts (decoded by mail-parser), as Dovecot does without FTS.
 
-// TODO(#4): remove once the IMAP session calls these.
-#![allow(dead_code)]
-
 use std::sync::Arc;
 
 use imap_types::core::AString;
