@@ -14,6 +14,9 @@
 //! - [`net`]: connection ids, trusted networks and the accept-loop helpers.
 //! - [`queue`]: the durable message queue (spool and relay): message files, envelopes with
 //!   per-recipient state, group commit of fsyncs, per-entry locks for operators' changes.
+//! - [`sasl`]: the SASL server side (PLAIN, LOGIN, SCRAM-SHA-256 on `rsasl`), checked against
+//!   the location database with argon2 off the async workers.
+//! - [`throttle`]: growing delays for failed logins, per client address and per account.
 //! - `testkit` (feature `test-util`): what tests of every crate share.
 //!
 //! `common` trusts nothing on its own: callers pass the configured trusted networks and secrets.
@@ -25,7 +28,9 @@ pub mod location;
 pub mod net;
 pub mod pop3;
 pub mod queue;
+pub mod sasl;
 pub mod smtp;
+pub mod throttle;
 pub mod tls;
 
 #[cfg(any(test, feature = "test-util"))]

@@ -28,6 +28,9 @@ pub struct PlatformFile {
     /// `[spool]`: the inbound MX and its queue. Default: enabled, SMTP on `127.0.0.1:2525`,
     /// reinjection on `127.0.0.1:10025`.
     pub spool: spool::FileConfig,
+    /// `[access]`: the IMAP/POP3 proxy. Default: enabled, IMAP on `127.0.0.1:1143` (STARTTLS)
+    /// and `:1993` (TLS), POP3 on `127.0.0.1:1110` (STLS) and `:1995` (TLS).
+    pub access: access::FileConfig,
 }
 
 impl Default for PlatformFile {
@@ -42,6 +45,7 @@ impl Default for PlatformFile {
                 filer::FileConfig::numbered(2),
             ],
             spool: spool::FileConfig::default(),
+            access: access::FileConfig::default(),
         }
     }
 }
@@ -55,6 +59,8 @@ pub struct PlatformSettings {
     pub filers: Vec<Arc<filer::Settings>>,
     /// The spool, unless `[spool] enabled = false`.
     pub spool: Option<Arc<spool::Settings>>,
+    /// The access proxy, unless `[access] enabled = false`.
+    pub access: Option<Arc<access::Settings>>,
 }
 
 impl PlatformSettings {
@@ -88,11 +94,14 @@ impl PlatformSettings {
         }
         let spool = spool::Settings::build(&file.spool, "spool", &shared, &mut p);
         let spool = file.spool.enabled.then(|| Arc::new(spool));
-        check_listen_conflicts(&filers, spool.as_deref(), &mut p);
+        let access = access::Settings::build(&file.access, "access", &shared, &mut p);
+        let access = file.access.enabled.then(|| Arc::new(access));
+        check_listen_conflicts(&filers, spool.as_deref(), access.as_deref(), &mut p);
         p.into_result(Self {
             shared: Arc::new(shared),
             filers,
             spool,
+            access,
         })
     }
 }
@@ -100,6 +109,7 @@ impl PlatformSettings {
 fn check_listen_conflicts(
     filers: &[Arc<filer::Settings>],
     spool: Option<&spool::Settings>,
+    access: Option<&access::Settings>,
     p: &mut Problems,
 ) {
     let mut all = Vec::new();
@@ -111,6 +121,11 @@ fn check_listen_conflicts(
     if let Some(s) = spool {
         all.push(("spool.smtp".to_owned(), s.smtp));
         all.push(("spool.reinject".to_owned(), s.reinject));
+    }
+    if let Some(a) = access {
+        for (what, addr) in a.listen_addresses() {
+            all.push((format!("access.{what}"), addr));
+        }
     }
     let mut seen: Vec<(std::net::SocketAddr, String)> = Vec::new();
     for (key, addr) in all {
@@ -137,6 +152,21 @@ mod tests {
         assert_eq!(spool.queue_dir, std::path::PathBuf::from("./data/spool"));
         assert!(s.filers.iter().all(|f| f.lmtp.unwrap().ip().is_loopback()));
         assert_eq!(s.shared.data_dir, std::path::PathBuf::from("./data"));
+        let access = s.access.as_ref().unwrap();
+        assert_eq!(access.imap.unwrap().to_string(), "127.0.0.1:1143");
+        assert_eq!(access.pop3s.unwrap().to_string(), "127.0.0.1:1995");
+    }
+
+    #[test]
+    fn access_listeners_must_not_clash_with_others() {
+        let text = "[access]\nimap = \"127.0.0.1:2525\"\nlogin_delay = \"soon\"\n";
+        let file: PlatformFile = config::parse(text).unwrap();
+        let err = PlatformSettings::build(&file).unwrap_err();
+        let ConfigError::Invalid(p) = err else {
+            panic!("{err}")
+        };
+        let keys: Vec<&str> = p.as_slice().iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["access.login_delay", "access.imap"]);
     }
 
     #[test]
@@ -169,6 +199,19 @@ mod tests {
                 "filers[1].pop3"
             ]
         );
+    }
+
+    #[test]
+    fn the_readme_configuration_example_is_valid() {
+        let readme = include_str!("../../README.md");
+        let example = readme
+            .split("```toml\n")
+            .nth(1)
+            .and_then(|rest| rest.split("```").next())
+            .unwrap();
+        let file: PlatformFile = config::parse(example).unwrap();
+        assert!(file.access.enabled);
+        PlatformSettings::build(&file).unwrap();
     }
 
     #[test]

@@ -23,6 +23,8 @@ pub struct Running {
     pub filers: Vec<FilerAddrs>,
     /// The spool's bound SMTP and reinjection addresses, when it runs.
     pub spool: Option<(Option<SocketAddr>, Option<SocketAddr>)>,
+    /// The access proxy's bound addresses (IMAP, IMAPS, POP3, POP3S), when it runs.
+    pub access: Option<[Option<SocketAddr>; 4]>,
     /// The location database (cached), as the services see it.
     pub directory: Arc<dyn Directory>,
     shutdown: CancellationToken,
@@ -97,6 +99,11 @@ pub async fn start(settings: PlatformSettings) -> anyhow::Result<Running> {
     tokio::task::spawn_blocking(move || shared.resolve_proxy_secret())
         .await?
         .context("making the proxy secret")?;
+    // The dev certificate too: the spool and the proxy would both make it at once.
+    let shared = settings.shared.clone();
+    tokio::task::spawn_blocking(move || common::tls::Identity::from_settings(&shared).map(drop))
+        .await?
+        .context("loading the TLS certificate")?;
     let sqlite = open_directory(&settings).await?;
     let directory: Arc<dyn Directory> =
         Arc::new(Cached::new(Arc::new(sqlite), settings.shared.cache_ttl));
@@ -143,6 +150,7 @@ pub async fn start(settings: PlatformSettings) -> anyhow::Result<Running> {
         shared: settings.shared.clone(),
         filers: bound_settings.iter().map(|(s, _)| s.clone()).collect(),
         spool: None,
+        access: None,
     };
     register_filers(&registered, directory.as_ref()).await?;
 
@@ -170,6 +178,37 @@ pub async fn start(settings: PlatformSettings) -> anyhow::Result<Running> {
         });
     }
 
+    let mut access_addrs = None;
+    if let Some(s) = &settings.access {
+        let l = access::Listeners {
+            imap: bind(s.imap, "access imap").await?,
+            imaps: bind(s.imaps, "access imaps").await?,
+            pop3: bind(s.pop3, "access pop3").await?,
+            pop3s: bind(s.pop3s, "access pop3s").await?,
+        };
+        let addrs = [
+            local(&l.imap),
+            local(&l.imaps),
+            local(&l.pop3),
+            local(&l.pop3s),
+        ];
+        for (proto, a) in ["imap", "imaps", "pop3", "pop3s"].into_iter().zip(addrs) {
+            if let Some(a) = a {
+                listeners.push(Listener {
+                    service: "access".into(),
+                    protocol: proto.into(),
+                    address: a.to_string(),
+                });
+            }
+        }
+        access_addrs = Some(addrs);
+        let (s, dir, token) = (s.clone(), directory.clone(), shutdown.child_token());
+        tasks.spawn(async move {
+            let r = access::serve(s, dir, l, token).await;
+            ("access".to_owned(), r.map_err(anyhow::Error::from))
+        });
+    }
+
     for (s, l) in bound_settings {
         let token = shutdown.child_token();
         let name = s.name.clone();
@@ -184,6 +223,7 @@ pub async fn start(settings: PlatformSettings) -> anyhow::Result<Running> {
         listeners,
         filers,
         spool: spool_addrs,
+        access: access_addrs,
         directory,
         shutdown,
         tasks,

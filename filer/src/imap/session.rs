@@ -339,8 +339,12 @@ impl Session {
                 self.close = true;
             }
             CommandBody::Id { parameters } => {
-                // The proxy passes the client's address; trusted (only proxies reach us).
-                if let Some(params) = parameters {
+                // The proxy passes the client's address before it logs in (only proxies reach
+                // this port). After login the bytes are the user's, relayed as they are: an ID
+                // then could claim any address, so it is not believed.
+                if authenticated {
+                    tracing::debug!("ignoring ID parameters sent after login");
+                } else if let Some(params) = parameters {
                     for (k, v) in params {
                         let k = String::from_utf8_lossy(k.as_ref()).to_ascii_lowercase();
                         if k == "x-originating-ip"

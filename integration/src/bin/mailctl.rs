@@ -33,9 +33,11 @@ struct Cli {
 enum Command {
     /// Run the services the configuration enables, in this process, until SIGINT or SIGTERM.
     ///
-    /// All-in-one default listeners (loopback): spool SMTP 127.0.0.1:2525, reinjection
-    /// 127.0.0.1:10025; filer1 LMTP 127.0.0.1:2401, IMAP :2143, POP3 :2110; filer2 LMTP
-    /// 127.0.0.1:2402, IMAP :2144, POP3 :2111.
+    /// All-in-one default listeners (loopback): access (the IMAP/POP3 proxy users connect to)
+    /// IMAP 127.0.0.1:1143 (STARTTLS), IMAPS :1993, POP3 :1110 (STLS), POP3S :1995; spool SMTP
+    /// 127.0.0.1:2525, reinjection 127.0.0.1:10025; filer1 LMTP 127.0.0.1:2401, IMAP :2143,
+    /// POP3 :2110; filer2 LMTP 127.0.0.1:2402, IMAP :2144, POP3 :2111 (filers serve IMAP/POP3 to
+    /// the proxy only). In dev mode the proxy allows logins without TLS from loopback clients.
     Up,
     /// Show whether the platform runs, its listeners, and the database's contents.
     Status {
@@ -242,6 +244,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if let Some(s) = &settings.spool {
                 println!("spool: queue in {}", s.queue_dir.display());
             }
+            if let Some(a) = &settings.access {
+                let on = |addr: Option<std::net::SocketAddr>| {
+                    addr.map_or_else(|| "off".to_owned(), |a| a.to_string())
+                };
+                println!(
+                    "access: imap {}, imaps {}, pop3 {}, pop3s {}",
+                    on(a.imap),
+                    on(a.imaps),
+                    on(a.pop3),
+                    on(a.pop3s)
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Domain(c) => domain(&settings, c).await,
@@ -340,6 +354,9 @@ struct Status {
     domains: usize,
     mailboxes: u64,
     filers: Vec<common::location::FilerUsage>,
+    /// Each filer's health as the running access proxy sees it (absent when none runs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    access_health: Option<std::collections::BTreeMap<String, access::FilerHealth>>,
 }
 
 #[derive(Serialize)]
@@ -372,6 +389,24 @@ async fn status(settings: &PlatformSettings, json: bool) -> anyhow::Result<ExitC
     let db = platform::open_directory(settings).await?;
     let domains = db.domains().await?;
     let filers = db.filers().await?;
+    let access_health = match (&info, &settings.access) {
+        (Some(_), Some(_)) => {
+            let seen = access::read_health(&settings.shared.data_dir).unwrap_or_default();
+            Some(
+                filers
+                    .iter()
+                    .map(|f| {
+                        let h = seen
+                            .iter()
+                            .find(|(n, _)| *n == f.filer.name)
+                            .map_or(access::FilerHealth::Up, |(_, h)| *h);
+                        (f.filer.name.clone(), h)
+                    })
+                    .collect(),
+            )
+        }
+        _ => None,
+    };
     let s = Status {
         running: info.is_some(),
         pid: info.as_ref().map(|i| i.pid),
@@ -381,6 +416,7 @@ async fn status(settings: &PlatformSettings, json: bool) -> anyhow::Result<ExitC
         domains: domains.len(),
         mailboxes: domains.iter().map(|d| d.mailboxes).sum(),
         filers,
+        access_health,
     };
     let healthy = s.running && s.listeners.iter().all(|l| l.reachable);
     if json {
@@ -402,13 +438,18 @@ async fn status(settings: &PlatformSettings, json: bool) -> anyhow::Result<ExitC
             s.database, s.domains, s.mailboxes
         );
         println!(
-            "{:<12} {:<9} {:>6} {:>9}  lmtp",
-            "filer", "state", "weight", "mailboxes"
+            "{:<12} {:<9} {:>6} {:>9}  {:<8} lmtp",
+            "filer", "state", "weight", "mailboxes", "proxy"
         );
         for f in &s.filers {
+            let proxy = s
+                .access_health
+                .as_ref()
+                .and_then(|h| h.get(&f.filer.name))
+                .map_or("-".to_owned(), |h| format!("{h:?}").to_lowercase());
             println!(
-                "{:<12} {:<9} {:>6} {:>9}  {}",
-                f.filer.name, f.filer.state, f.filer.weight, f.mailboxes, f.filer.lmtp
+                "{:<12} {:<9} {:>6} {:>9}  {:<8} {}",
+                f.filer.name, f.filer.state, f.filer.weight, f.mailboxes, proxy, f.filer.lmtp
             );
         }
     }
@@ -546,7 +587,8 @@ async fn user(settings: &PlatformSettings, cmd: UserCmd) -> anyhow::Result<ExitC
                 let Some((address, password)) = line.split_once(' ') else {
                     bail!("line {n}: expected ADDRESS PASSWORD");
                 };
-                let a = admin::parse_mailbox_address(address).with_context(|| format!("line {n}"))?;
+                let a =
+                    admin::parse_mailbox_address(address).with_context(|| format!("line {n}"))?;
                 todo.push((n, a.to_string(), password.to_owned()));
             }
             let mut added = 0usize;
@@ -557,7 +599,9 @@ async fn user(settings: &PlatformSettings, cmd: UserCmd) -> anyhow::Result<ExitC
                     let db = db.clone();
                     tasks.push((
                         n,
-                        tokio::spawn(async move { admin::user_add(db.as_ref(), &address, password, quota, None).await }),
+                        tokio::spawn(async move {
+                            admin::user_add(db.as_ref(), &address, password, quota, None).await
+                        }),
                     ));
                 }
                 for (n, t) in tasks {

@@ -144,7 +144,7 @@ fn up_then_status_reports_it() {
     let d = dir.path();
     std::fs::write(
         d.join("mail.toml"),
-        "[spool]\nsmtp = \"127.0.0.1:0\"\nreinject = \"127.0.0.1:0\"\n\n[[filers]]\nname = \"filer1\"\nlmtp = \"127.0.0.1:0\"\nimap = \"127.0.0.1:0\"\npop3 = \"127.0.0.1:0\"\n",
+        "[access]\nimap = \"127.0.0.1:0\"\nimaps = \"\"\npop3 = \"127.0.0.1:0\"\npop3s = \"\"\n\n[spool]\nsmtp = \"127.0.0.1:0\"\nreinject = \"127.0.0.1:0\"\n\n[[filers]]\nname = \"filer1\"\nlmtp = \"127.0.0.1:0\"\nimap = \"127.0.0.1:0\"\npop3 = \"127.0.0.1:0\"\n",
     )
     .unwrap();
     let out = mailctl(d, &["-c", "mail.toml", "status"], None);
@@ -188,10 +188,29 @@ fn user_import_reads_address_and_password_lines() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     ok(d, &["domain", "add", "example.test"], None);
-    let out = ok(d, &["user", "import"], Some("u1@example.test pw one\n# comment\n\nu2@example.test pw2\n"));
+    let out = ok(
+        d,
+        &["user", "import"],
+        Some("u1@example.test pw one\n# comment\n\nu2@example.test pw2\n"),
+    );
     assert!(out.contains("added 2"), "{out}");
-    fails(d, &["user", "import"], Some("u3@example.test pw\nbad line\n"), "line 2");
-    let users: serde_json::Value = serde_json::from_str(&ok(d, &["user", "list", "--json"], None)).unwrap();
-    let names: Vec<&str> = users.as_array().unwrap().iter().map(|u| u["address"].as_str().unwrap()).collect();
-    assert_eq!(names, ["u1@example.test", "u2@example.test"], "a bad line changes nothing");
+    fails(
+        d,
+        &["user", "import"],
+        Some("u3@example.test pw\nbad line\n"),
+        "line 2",
+    );
+    let users: serde_json::Value =
+        serde_json::from_str(&ok(d, &["user", "list", "--json"], None)).unwrap();
+    let names: Vec<&str> = users
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["address"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["u1@example.test", "u2@example.test"],
+        "a bad line changes nothing"
+    );
 }

@@ -97,9 +97,10 @@ impl Drop for Up {
     }
 }
 
-/// A config file with every listener on an ephemeral port, two filers and a spool with
-/// test timings (short greeting delay, retries within a second, a short lookup cache).
-pub(crate) const EPHEMERAL_CONFIG: &str = "[database]\ncache_ttl = \"100ms\"\n\n[spool]\nsmtp = \"127.0.0.1:0\"\nreinject = \"127.0.0.1:0\"\ngreet_delay = \"50ms\"\nretry_min = \"100ms\"\nretry_max = \"500ms\"\n\n[[filers]]\nname = \"filer1\"\nlmtp = \"127.0.0.1:0\"\nimap = \"127.0.0.1:0\"\npop3 = \"127.0.0.1:0\"\n\n[[filers]]\nname = \"filer2\"\nlmtp = \"127.0.0.1:0\"\nimap = \"127.0.0.1:0\"\npop3 = \"127.0.0.1:0\"\n";
+/// A config file with every listener on an ephemeral port, two filers, a spool with test
+/// timings (short greeting delay, retries within a second, a short lookup cache) and the access
+/// proxy with short login delays.
+pub(crate) const EPHEMERAL_CONFIG: &str = "[database]\ncache_ttl = \"100ms\"\n\n[access]\nimap = \"127.0.0.1:0\"\nimaps = \"127.0.0.1:0\"\npop3 = \"127.0.0.1:0\"\npop3s = \"127.0.0.1:0\"\nlogin_delay = \"10ms\"\nlogin_delay_max = \"50ms\"\n\n[spool]\nsmtp = \"127.0.0.1:0\"\nreinject = \"127.0.0.1:0\"\ngreet_delay = \"50ms\"\nretry_min = \"100ms\"\nretry_max = \"500ms\"\n\n[[filers]]\nname = \"filer1\"\nlmtp = \"127.0.0.1:0\"\nimap = \"127.0.0.1:0\"\npop3 = \"127.0.0.1:0\"\n\n[[filers]]\nname = \"filer2\"\nlmtp = \"127.0.0.1:0\"\nimap = \"127.0.0.1:0\"\npop3 = \"127.0.0.1:0\"\n";
 
 /// The messages in `user`'s INBOX under a filer's mail root (`new/` and `cur/`), sorted.
 pub(crate) fn maildir(root: &Path, user: &str) -> Vec<String> {
