@@ -14,6 +14,8 @@ const MAX_NAME_LEN: usize = 255;
 /// Deepest hierarchy.
 const MAX_DEPTH: usize = 16;
 
+use base64::Engine as _;
+
 /// Why a name is refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct BadName(pub(crate) &'static str);
@@ -27,12 +29,7 @@ pub(crate) fn decode(wire: &[u8]) -> Result<String, BadName> {
         return Err(BadName("mailbox name must be in modified UTF-7"));
     }
     let name = if s.contains('&') {
-        let decoded = utf7_imap::decode_utf7_imap(s.to_owned());
-        // Only canonical encodings: decoding then encoding must give back what was sent.
-        if utf7_imap::encode_utf7_imap(decoded.clone()) != s {
-            return Err(BadName("mailbox name is not valid modified UTF-7"));
-        }
-        decoded
+        mutf7_decode(s)?
     } else {
         s.to_owned()
     };
@@ -40,13 +37,93 @@ pub(crate) fn decode(wire: &[u8]) -> Result<String, BadName> {
     Ok(normalize_inbox(name))
 }
 
+/// Decodes a LIST pattern; one that is not valid modified UTF-7 is matched as it is.
+pub(crate) fn decode_pattern(pattern: &str) -> String {
+    if pattern.contains('&') {
+        mutf7_decode(pattern).unwrap_or_else(|_| pattern.to_owned())
+    } else {
+        pattern.to_owned()
+    }
+}
+
 /// Encodes a stored name for the wire.
 pub(crate) fn encode(name: &str) -> String {
-    if name.is_ascii() && !name.contains('&') {
-        name.to_owned()
-    } else {
-        utf7_imap::encode_utf7_imap(name.to_owned())
+    let mut out = String::with_capacity(name.len());
+    let mut pending: Vec<u16> = Vec::new();
+    let flush = |out: &mut String, pending: &mut Vec<u16>| {
+        if pending.is_empty() {
+            return;
+        }
+        let bytes: Vec<u8> = pending.iter().flat_map(|u| u.to_be_bytes()).collect();
+        out.push('&');
+        out.push_str(&MUTF7.encode(bytes));
+        out.push('-');
+        pending.clear();
+    };
+    for c in name.chars() {
+        if (' '..='~').contains(&c) {
+            flush(&mut out, &mut pending);
+            if c == '&' {
+                out.push_str("&-");
+            } else {
+                out.push(c);
+            }
+        } else {
+            let mut buf = [0u16; 2];
+            pending.extend_from_slice(c.encode_utf16(&mut buf));
+        }
     }
+    flush(&mut out, &mut pending);
+    out
+}
+
+/// The modified BASE64 of RFC 3501 §5.1.3: `,` for `/`, no padding, no stray bits.
+const MUTF7: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+    &base64::alphabet::IMAP_MUTF7,
+    base64::engine::GeneralPurposeConfig::new()
+        .with_encode_padding(false)
+        .with_decode_padding_mode(base64::engine::DecodePaddingMode::RequireNone)
+        .with_decode_allow_trailing_bits(false),
+);
+
+/// Decodes modified UTF-7 strictly: only canonical encodings are accepted (what [`encode`]
+/// produces), so one name has one spelling.
+fn mutf7_decode(s: &str) -> Result<String, BadName> {
+    const BAD: BadName = BadName("mailbox name is not valid modified UTF-7");
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(amp) = rest.find('&') {
+        out.push_str(&rest[..amp]);
+        let after = &rest[amp + 1..];
+        let end = after.find('-').ok_or(BAD)?;
+        let b64 = &after[..end];
+        rest = &after[end + 1..];
+        if b64.is_empty() {
+            out.push('&');
+            continue;
+        }
+        let bytes = MUTF7.decode(b64).map_err(|_| BAD)?;
+        if bytes.len() % 2 != 0 {
+            return Err(BAD);
+        }
+        let units: Vec<u16> = bytes
+            .chunks_exact(2)
+            .map(|p| u16::from_be_bytes([p[0], p[1]]))
+            .collect();
+        let decoded = String::from_utf16(&units).map_err(|_| BAD)?;
+        // Printable ASCII must not be encoded, and two encoded runs must not touch.
+        if decoded.chars().any(|c| (' '..='~').contains(&c))
+            || rest.starts_with('&') && !rest.starts_with("&-")
+        {
+            return Err(BAD);
+        }
+        out.push_str(&decoded);
+    }
+    out.push_str(rest);
+    if encode(&out) != s {
+        return Err(BAD);
+    }
+    Ok(out)
 }
 
 /// `INBOX` in any case (and `inbox/...` children) is the one INBOX.
@@ -155,10 +232,14 @@ mod tests {
             b"a\r\nb",
             b".",
             b"a/./b",
-            b"&AC4ALg-", // decodes to ".."
-            b"&AC8-x",   // decodes to "/x"
-            b"&AAA-",    // decodes to NUL
-            b"&Jjo",     // unterminated
+            b"&AC4ALg-",   // decodes to ".."
+            b"&AC8-x",     // decodes to "/x"
+            b"&AAA-",      // decodes to NUL
+            b"&Jjo",       // unterminated
+            b"&!!!-",      // not base64
+            b"&A-",        // stray bits
+            b"&AGE-",      // encodes a printable "a"
+            b"&AOQ-&AOQ-", // two runs that should be one
             b"\xff",
         ] {
             assert!(decode(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
@@ -174,6 +255,15 @@ mod tests {
         assert_eq!(decode(b"a&-b").unwrap(), "a&b");
         assert_eq!(encode("a&b"), "a&-b");
         assert_eq!(decode(b"Archive/2024").unwrap(), "Archive/2024");
+        // RFC 3501 §5.1.3's example.
+        assert_eq!(
+            decode(b"~peter/mail/&U,BTFw-/&ZeVnLIqe-").map_err(|e| e.0),
+            Err("mailbox name may not start with ~")
+        );
+        assert_eq!(encode("台北/日本語"), "&U,BTFw-/&ZeVnLIqe-");
+        assert_eq!(decode(b"&U,BTFw-/&ZeVnLIqe-").unwrap(), "台北/日本語");
+        assert_eq!(encode("😀"), "&2D3eAA-");
+        assert_eq!(decode(b"&2D3eAA-").unwrap(), "😀");
     }
 
     #[test]

@@ -917,11 +917,7 @@ impl Session {
         }
         // Patterns come in modified UTF-7; decode the literal parts the same way as names.
         let full = format!("{reference}{pattern}");
-        let full = if full.contains('&') {
-            utf7_imap::decode_utf7_imap(full)
-        } else {
-            full
-        };
+        let full = names::decode_pattern(&full);
         let store = user.store.clone();
         let Ok(folders) = blocking(move || store.folders()).await else {
             return self.line(&format!("{tag} NO [SERVERBUG] cannot list"));
