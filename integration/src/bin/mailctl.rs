@@ -208,6 +208,20 @@ enum ConfigCmd {
     Check,
 }
 
+/// Prints a line on standard output. A closed pipe (`mailctl user list | head`) ends the
+/// program quietly instead of panicking as `println!` does.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut stdout = std::io::stdout().lock();
+        if let Err(e) = writeln!(stdout, $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+        }
+    }};
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -235,20 +249,20 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Up => up(settings).await,
         Command::Status { json } => status(&settings, json).await,
         Command::Config(ConfigCmd::Check) => {
-            println!("configuration is valid");
-            println!("data directory: {}", settings.shared.data_dir.display());
-            println!("database: {}", settings.shared.database_path.display());
+            out!("configuration is valid");
+            out!("data directory: {}", settings.shared.data_dir.display());
+            out!("database: {}", settings.shared.database_path.display());
             for f in &settings.filers {
-                println!("filer {}: mail in {}", f.name, f.mail_root.display());
+                out!("filer {}: mail in {}", f.name, f.mail_root.display());
             }
             if let Some(s) = &settings.spool {
-                println!("spool: queue in {}", s.queue_dir.display());
+                out!("spool: queue in {}", s.queue_dir.display());
             }
             if let Some(a) = &settings.access {
                 let on = |addr: Option<std::net::SocketAddr>| {
                     addr.map_or_else(|| "off".to_owned(), |a| a.to_string())
                 };
-                println!(
+                out!(
                     "access: imap {}, imaps {}, pop3 {}, pop3s {}",
                     on(a.imap),
                     on(a.imaps),
@@ -296,7 +310,7 @@ async fn up(settings: PlatformSettings) -> anyhow::Result<ExitCode> {
         listeners: running.listeners.clone(),
     };
     runfile::write(&data_dir, &info)?;
-    println!("mailctl up: running (pid {}); stop with Ctrl-C", info.pid);
+    out!("mailctl up: running (pid {}); stop with Ctrl-C", info.pid);
     let stop = tokio_util::sync::CancellationToken::new();
     let signalled = stop.clone();
     tokio::spawn(async move {
@@ -420,26 +434,34 @@ async fn status(settings: &PlatformSettings, json: bool) -> anyhow::Result<ExitC
     };
     let healthy = s.running && s.listeners.iter().all(|l| l.reachable);
     if json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
+        out!("{}", serde_json::to_string_pretty(&s)?);
     } else {
         match s.pid {
-            Some(pid) => println!("platform: running (pid {pid})"),
-            None => println!("platform: not running"),
+            Some(pid) => out!("platform: running (pid {pid})"),
+            None => out!("platform: not running"),
         }
         for l in &s.listeners {
             let st = if l.reachable { "ok" } else { "NOT REACHABLE" };
-            println!(
+            out!(
                 "  {:<10} {:<5} {:<22} {st}",
-                l.service, l.protocol, l.address
+                l.service,
+                l.protocol,
+                l.address
             );
         }
-        println!(
+        out!(
             "database: {} ({} domain(s), {} mailbox(es))",
-            s.database, s.domains, s.mailboxes
+            s.database,
+            s.domains,
+            s.mailboxes
         );
-        println!(
+        out!(
             "{:<12} {:<9} {:>6} {:>9}  {:<8} lmtp",
-            "filer", "state", "weight", "mailboxes", "proxy"
+            "filer",
+            "state",
+            "weight",
+            "mailboxes",
+            "proxy"
         );
         for f in &s.filers {
             let proxy = s
@@ -447,9 +469,14 @@ async fn status(settings: &PlatformSettings, json: bool) -> anyhow::Result<ExitC
                 .as_ref()
                 .and_then(|h| h.get(&f.filer.name))
                 .map_or("-".to_owned(), |h| format!("{h:?}").to_lowercase());
-            println!(
+            out!(
                 "{:<12} {:<9} {:>6} {:>9}  {:<8} {}",
-                f.filer.name, f.filer.state, f.filer.weight, f.mailboxes, proxy, f.filer.lmtp
+                f.filer.name,
+                f.filer.state,
+                f.filer.weight,
+                f.mailboxes,
+                proxy,
+                f.filer.lmtp
             );
         }
     }
@@ -467,7 +494,7 @@ fn queue_cmd(settings: &PlatformSettings, cmd: QueueCmd) -> anyhow::Result<ExitC
         QueueCmd::List { json } => {
             let entries = queue.list()?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&entries)?);
+                out!("{}", serde_json::to_string_pretty(&entries)?);
             } else {
                 print!("{}", q::format_list(&entries));
             }
@@ -479,7 +506,7 @@ fn queue_cmd(settings: &PlatformSettings, cmd: QueueCmd) -> anyhow::Result<ExitC
                 bail!("no queue entry {id}");
             };
             if json {
-                println!("{}", serde_json::to_string_pretty(&env)?);
+                out!("{}", serde_json::to_string_pretty(&env)?);
             } else {
                 print!("{}", q::format_entry(&env, &queue.read_message(&id)?));
             }
@@ -506,12 +533,12 @@ fn queue_cmd(settings: &PlatformSettings, cmd: QueueCmd) -> anyhow::Result<ExitC
                 Change::Release => "released",
                 Change::Delete => "deleted",
             };
-            println!("{verb} {id}");
+            out!("{verb} {id}");
         }
         done.push(serde_json::json!({ "id": id, "entry": env }));
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&done)?);
+        out!("{}", serde_json::to_string_pretty(&done)?);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -524,7 +551,7 @@ fn retry_all(queue: &common::queue::Queue, json: bool) -> anyhow::Result<ExitCod
         match q::apply(queue, &e.id, Change::Retry) {
             Ok(env) => {
                 if !json {
-                    println!("will retry {}", e.id);
+                    out!("will retry {}", e.id);
                 }
                 done.push(serde_json::json!({ "id": e.id, "entry": env }));
             }
@@ -533,7 +560,7 @@ fn retry_all(queue: &common::queue::Queue, json: bool) -> anyhow::Result<ExitCod
         }
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&done)?);
+        out!("{}", serde_json::to_string_pretty(&done)?);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -541,12 +568,12 @@ fn retry_all(queue: &common::queue::Queue, json: bool) -> anyhow::Result<ExitCod
 async fn domain(settings: &PlatformSettings, cmd: DomainCmd) -> anyhow::Result<ExitCode> {
     let db = open(settings).await?;
     match cmd {
-        DomainCmd::Add { domain } => println!(
+        DomainCmd::Add { domain } => out!(
             "added domain {}",
             admin::domain_add(db.as_ref(), &domain).await?
         ),
         DomainCmd::Remove { domain } => {
-            println!(
+            out!(
                 "removed domain {}",
                 admin::domain_remove(db.as_ref(), &domain).await?
             )
@@ -554,12 +581,14 @@ async fn domain(settings: &PlatformSettings, cmd: DomainCmd) -> anyhow::Result<E
         DomainCmd::List { json } => {
             let list = db.domains().await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
+                out!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 for d in list {
-                    println!(
+                    out!(
                         "{}  ({} mailbox(es), {} alias(es))",
-                        d.name, d.mailboxes, d.aliases
+                        d.name,
+                        d.mailboxes,
+                        d.aliases
                     );
                 }
             }
@@ -609,7 +638,7 @@ async fn user(settings: &PlatformSettings, cmd: UserCmd) -> anyhow::Result<ExitC
                     added += 1;
                 }
             }
-            println!("added {added} mailbox(es)");
+            out!("added {added} mailbox(es)");
         }
         UserCmd::Add {
             address,
@@ -623,12 +652,12 @@ async fn user(settings: &PlatformSettings, cmd: UserCmd) -> anyhow::Result<ExitC
             let a = admin::parse_mailbox_address(&address)?;
             let password = read_password()?;
             let m = admin::user_add(db.as_ref(), &a.to_string(), password, quota, filer).await?;
-            println!("added {} on {}", m.address, m.filer);
+            out!("added {} on {}", m.address, m.filer);
         }
         UserCmd::Passwd { address } => {
             admin::parse_address(&address)?;
             let password = read_password()?;
-            println!(
+            out!(
                 "changed the password of {}",
                 admin::user_passwd(db.as_ref(), &address, password).await?
             );
@@ -636,13 +665,13 @@ async fn user(settings: &PlatformSettings, cmd: UserCmd) -> anyhow::Result<ExitC
         UserCmd::Remove { address } => {
             let key = admin::parse_address(&address)?.key();
             db.remove_mailbox(&key).await?;
-            println!("removed {key} (its mail stays on the filer)");
+            out!("removed {key} (its mail stays on the filer)");
         }
         UserCmd::List { domain, json } => {
             let d = domain.map(|d| admin::parse_domain(&d)).transpose()?;
             let list = db.mailboxes(d.as_deref()).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
+                out!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 for m in list {
                     let quota = if m.quota == 0 {
@@ -650,9 +679,11 @@ async fn user(settings: &PlatformSettings, cmd: UserCmd) -> anyhow::Result<ExitC
                     } else {
                         ByteSize(m.quota).to_string()
                     };
-                    println!(
+                    out!(
                         "{}  filer={} state={} quota={quota}",
-                        m.address, m.filer, m.state
+                        m.address,
+                        m.filer,
+                        m.state
                     );
                 }
             }
@@ -690,7 +721,7 @@ async fn alias(settings: &PlatformSettings, cmd: AliasCmd) -> anyhow::Result<Exi
     match cmd {
         AliasCmd::Add { alias, target } => {
             let (a, t) = admin::alias_add(db.as_ref(), &alias, &target).await?;
-            println!("added alias {a} -> {t}");
+            out!("added alias {a} -> {t}");
         }
         AliasCmd::Remove { alias, target } => {
             let a = admin::parse_address(&alias)?.key();
@@ -698,16 +729,16 @@ async fn alias(settings: &PlatformSettings, cmd: AliasCmd) -> anyhow::Result<Exi
                 .map(|t| admin::parse_address(&t).map(|t| t.key()))
                 .transpose()?;
             let n = db.remove_alias(&a, t.as_deref()).await?;
-            println!("removed {n} target(s) of {a}");
+            out!("removed {n} target(s) of {a}");
         }
         AliasCmd::List { domain, json } => {
             let d = domain.map(|d| admin::parse_domain(&d)).transpose()?;
             let list = db.aliases(d.as_deref()).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
+                out!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 for a in list {
-                    println!("{} -> {}", a.address, a.target);
+                    out!("{} -> {}", a.address, a.target);
                 }
             }
         }
@@ -737,24 +768,29 @@ async fn filer(settings: &PlatformSettings, cmd: FilerCmd) -> anyhow::Result<Exi
                 },
             )
             .await?;
-            println!("added filer {name}");
+            out!("added filer {name}");
         }
         FilerCmd::SetState { name, state } => {
             let s: FilerState = state.parse().map_err(anyhow::Error::msg)?;
             admin::filer_set_state(db.as_ref(), &name, s).await?;
-            println!("filer {name} is now {s}");
+            out!("filer {name} is now {s}");
         }
         FilerCmd::List { json } => {
             let list = db.filers().await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
+                out!("{}", serde_json::to_string_pretty(&list)?);
             } else {
-                println!(
+                out!(
                     "{:<12} {:<9} {:>6} {:>9}  {:<22} {:<22} pop3",
-                    "name", "state", "weight", "mailboxes", "lmtp", "imap"
+                    "name",
+                    "state",
+                    "weight",
+                    "mailboxes",
+                    "lmtp",
+                    "imap"
                 );
                 for f in list {
-                    println!(
+                    out!(
                         "{:<12} {:<9} {:>6} {:>9}  {:<22} {:<22} {}",
                         f.filer.name,
                         f.filer.state,
