@@ -84,72 +84,64 @@ pub async fn serve(
         pop3_locks: pop3::Locks::default(),
     });
     let mut tasks = tokio::task::JoinSet::new();
+    let shared = &settings.shared;
     if let Some(l) = listeners.imap {
         let opts = AcceptOptions {
             protocol: "imap",
             max_connections: MAX_IMAP_SESSIONS,
             busy_reply: b"* BYE [UNAVAILABLE] too many connections\r\n",
-            trusted: Some(settings.shared.proxy_networks.clone()),
+            trusted: Some(shared.proxy_networks.clone()),
             untrusted_reply:
                 b"* BYE [UNAVAILABLE] this server is reached through the access proxy\r\n",
-            shutdown_grace: settings.shared.shutdown_grace,
+            shutdown_grace: shared.shutdown_grace,
         };
-        let f = filer.clone();
-        let token = shutdown.clone();
-        tasks.spawn(accept_loop(
+        spawn_listener(
+            &mut tasks,
             l,
             opts,
-            shutdown.clone(),
-            move |stream, peer, _id| {
-                let (f, token) = (f.clone(), token.clone());
-                async move { imap::run(f, Box::new(stream), peer, token).await }
-            },
-        ));
+            &filer,
+            &shutdown,
+            |f, stream, peer, _id, token| imap::run(f, Box::new(stream), peer, token),
+        );
     }
     if let Some(l) = listeners.pop3 {
         let opts = AcceptOptions {
             protocol: "pop3",
             max_connections: MAX_POP3_SESSIONS,
             busy_reply: b"-ERR [SYS/TEMP] too many connections, try again later\r\n",
-            trusted: Some(settings.shared.proxy_networks.clone()),
+            trusted: Some(shared.proxy_networks.clone()),
             untrusted_reply: b"-ERR [AUTH] this server is reached through the access proxy\r\n",
-            shutdown_grace: settings.shared.shutdown_grace,
+            shutdown_grace: shared.shutdown_grace,
         };
-        let f = filer.clone();
-        let token = shutdown.clone();
-        tasks.spawn(accept_loop(
+        spawn_listener(
+            &mut tasks,
             l,
             opts,
-            shutdown.clone(),
-            move |stream, _peer, _id| {
-                let (f, token) = (f.clone(), token.clone());
-                async move { pop3::session(f, Box::new(stream), token).await }
-            },
-        ));
+            &filer,
+            &shutdown,
+            |f, stream, _peer, _id, token| pop3::session(f, Box::new(stream), token),
+        );
     }
     if let Some(l) = listeners.lmtp {
         let opts = AcceptOptions {
             protocol: "lmtp",
             max_connections: MAX_LMTP_SESSIONS,
             busy_reply: b"421 4.3.2 too many connections, try again later\r\n",
-            trusted: Some(settings.shared.spool_networks.clone()),
+            trusted: Some(shared.spool_networks.clone()),
             untrusted_reply: b"554 5.7.1 LMTP is not available to you\r\n",
-            shutdown_grace: settings.shared.shutdown_grace,
+            shutdown_grace: shared.shutdown_grace,
         };
-        let f = filer.clone();
-        let token = shutdown.clone();
-        tasks.spawn(accept_loop(
+        spawn_listener(
+            &mut tasks,
             l,
             opts,
-            shutdown.clone(),
-            move |stream, peer, id| {
-                let (f, token) = (f.clone(), token.clone());
-                async move {
-                    let conn = Connection::new(Box::new(stream), peer, lmtp::limits(&f));
-                    lmtp::session(f, conn, id, token).await;
-                }
+            &filer,
+            &shutdown,
+            |f, stream, peer, id, token| {
+                let conn = Connection::new(Box::new(stream), peer, lmtp::limits(&f));
+                lmtp::session(f, conn, id, token)
             },
-        ));
+        );
     }
     while let Some(r) = tasks.join_next().await {
         match r {
@@ -166,6 +158,32 @@ pub async fn serve(
     }
     shutdown.cancelled().await;
     Ok(())
+}
+
+/// Runs an accept loop for one listener in `tasks`, each connection handled by `session`.
+fn spawn_listener<Fut>(
+    tasks: &mut tokio::task::JoinSet<std::io::Result<()>>,
+    listener: TcpListener,
+    opts: AcceptOptions,
+    filer: &Arc<Filer>,
+    shutdown: &CancellationToken,
+    session: fn(
+        Arc<Filer>,
+        tokio::net::TcpStream,
+        std::net::SocketAddr,
+        common::net::ConnId,
+        CancellationToken,
+    ) -> Fut,
+) where
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (f, token) = (filer.clone(), shutdown.clone());
+    tasks.spawn(accept_loop(
+        listener,
+        opts,
+        shutdown.clone(),
+        move |stream, peer, id| session(f.clone(), stream, peer, id, token.clone()),
+    ));
 }
 
 /// Compares secrets in time independent of where they differ.
