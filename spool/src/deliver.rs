@@ -7,30 +7,49 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use common::location::{Directory, FilerState, MailboxState, domain_of};
-use common::queue::Deferral;
+use common::queue::runner::{Outcome, Transport};
+use common::queue::{Deferral, Envelope};
 use common::smtp::Reply;
 use common::smtp::client::{Client, ClientSettings, HopError, Protocol};
 use tokio::sync::Semaphore;
 
 use crate::Settings;
 
-/// What became of one recipient in one attempt.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Outcome {
-    /// The filer took it.
-    Delivered(String),
-    /// Refused for good: bounce.
-    Failed(String),
-    /// Try again later.
-    Deferred {
-        /// The reply or error, for the queue listing.
-        reason: String,
-        /// Whether it may expire.
-        deferral: Deferral,
-    },
-    /// The filer says the mailbox is not there any more (`451 4.4.0`): look it up again and
-    /// retry at once.
-    Stale(String),
+/// The spool's transport: LMTP to the filers, looked up in the location database.
+pub(crate) struct Filers {
+    settings: Arc<Settings>,
+    directory: Arc<dyn Directory>,
+    limits: FilerLimits,
+}
+
+impl Filers {
+    pub(crate) fn new(settings: Arc<Settings>, directory: Arc<dyn Directory>) -> Self {
+        Self {
+            settings,
+            directory,
+            limits: FilerLimits::default(),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Transport for Filers {
+    async fn deliver(
+        &self,
+        envelope: &Envelope,
+        recipients: &[String],
+        message: Arc<[u8]>,
+    ) -> Vec<Outcome> {
+        deliver(
+            &self.settings,
+            self.directory.as_ref(),
+            &self.limits,
+            &envelope.reverse_path,
+            recipients,
+            message,
+        )
+        .await
+    }
 }
 
 /// Where a recipient goes.
@@ -41,7 +60,7 @@ struct Route {
 
 /// Per-filer LMTP session limits, made on first use.
 #[derive(Default)]
-pub(crate) struct FilerLimits(Mutex<HashMap<String, Arc<Semaphore>>>);
+struct FilerLimits(Mutex<HashMap<String, Arc<Semaphore>>>);
 
 impl FilerLimits {
     fn get(&self, filer: &str, permits: usize) -> Arc<Semaphore> {
@@ -54,7 +73,7 @@ impl FilerLimits {
 
 /// Delivers `message` to `recipients` (key form) and returns one outcome per recipient,
 /// in order. The filers are tried concurrently, each within its session limit.
-pub(crate) async fn deliver(
+async fn deliver(
     settings: &Arc<Settings>,
     directory: &dyn Directory,
     limits: &FilerLimits,
@@ -231,10 +250,7 @@ fn classify(reply: &Reply) -> Outcome {
 }
 
 fn held(reason: String) -> Outcome {
-    Outcome::Deferred {
-        reason,
-        deferral: Deferral::Held,
-    }
+    Outcome::held(reason)
 }
 
 #[cfg(test)]

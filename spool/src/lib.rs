@@ -6,7 +6,7 @@
 //!   are expanded, and a message is on disk, fsynced, before its `250`. Mail returning from the
 //!   filter comes in on the reinjection listener, from `trust.spool_networks` only.
 //! - **Queue:** [`common::queue`], in `spool.queue_dir`; re-read at start after a crash.
-//! - **Out:** the queue runner groups each message's recipients by filer and delivers over
+//! - **Out:** the queue runner ([`common::queue::runner`]) groups each message's recipients by filer and delivers over
 //!   LMTP, one reply per recipient; 4xx and unreachable filers retry with backoff, 5xx bounce
 //!   (RFC 3464) to a non-null sender. TODO(#7): hand new mail to the filter first.
 //! - **Trusts:** nothing from the MX listener; the reinjection listener trusts its peers'
@@ -14,16 +14,15 @@
 //!
 //! The session (`session/`, one file per verb) runs on the SMTP core of `common::smtp`.
 
-mod bounce;
 mod deliver;
 mod listener;
-mod runner;
 mod session;
 mod settings;
 
 use std::sync::Arc;
 
 use common::location::Directory;
+use common::queue::runner::{self, Runner, RunnerSettings};
 use common::queue::{Queue, StoreError};
 use common::tls::{Identity, TlsError};
 use tokio::net::TcpListener;
@@ -59,11 +58,10 @@ pub enum ServeError {
 pub(crate) struct Spool {
     pub(crate) settings: Arc<Settings>,
     pub(crate) directory: Arc<dyn Directory>,
-    pub(crate) queue: Queue,
+    /// The queue and its delivery loop.
+    pub(crate) runner: Arc<Runner>,
     /// STARTTLS on the MX listener; `None` when turned off.
     pub(crate) tls: Option<TlsAcceptor>,
-    pub(crate) scheduler: runner::Scheduler,
-    pub(crate) filer_limits: deliver::FilerLimits,
     pub(crate) per_ip: Arc<listener::PerIp>,
     /// Clients that passed the early-talker test recently.
     pub(crate) greet_passed: listener::GreetPassed,
@@ -78,12 +76,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     let dir = settings.queue_dir.clone();
-    let (queue, entries) = blocking(move || {
-        let q = Queue::open(&dir)?;
-        let entries = q.recover()?;
-        Ok::<_, ServeError>((q, entries))
-    })
-    .await?;
+    let queue = blocking(move || Ok(Queue::open(&dir)?)).await?;
     let tls = if settings.starttls {
         let shared = settings.shared.clone();
         let config = blocking(move || {
@@ -94,31 +87,35 @@ pub async fn serve(
     } else {
         None
     };
+    let transport = Arc::new(deliver::Filers::new(settings.clone(), directory.clone()));
+    let runner = Arc::new(Runner::new(
+        queue,
+        RunnerSettings {
+            hostname: settings.shared.hostname.clone(),
+            retry_min: settings.retry_min,
+            retry_max: settings.retry_max,
+            queue_lifetime: settings.queue_lifetime,
+            max_deliveries: settings.max_deliveries,
+            shutdown_grace: settings.shared.shutdown_grace,
+        },
+        transport,
+    ));
+    let (entries, held) = runner.recover().await?;
+    tracing::info!(entries, held, "queue recovered");
     let spool = Arc::new(Spool {
         settings: settings.clone(),
         directory,
-        queue,
+        runner: runner.clone(),
         tls,
-        scheduler: runner::Scheduler::default(),
-        filer_limits: deliver::FilerLimits::default(),
         per_ip: Arc::default(),
         greet_passed: listener::GreetPassed::default(),
     });
-    let held = entries.iter().filter(|e| e.held).count();
-    for e in &entries {
-        if !e.held {
-            spool
-                .scheduler
-                .schedule(e.id.clone(), e.next_try_ms().unwrap_or(0));
-        }
-    }
-    tracing::info!(entries = entries.len(), held, "queue recovered");
 
     let mut tasks = tokio::task::JoinSet::new();
     {
-        let (s, t) = (spool.clone(), shutdown.clone());
+        let (r, t) = (runner.clone(), shutdown.clone());
         tasks.spawn(async move {
-            runner::run(s, t).await;
+            runner::run(r, t).await;
             Ok(())
         });
     }

@@ -32,6 +32,9 @@
 //!   once. Without the notice it would still see the change at its next attempt, because it
 //!   always re-reads the envelope under the lock.
 
+pub mod bounce;
+mod incoming;
+pub mod runner;
 mod store;
 mod sync;
 
@@ -41,6 +44,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+pub use incoming::{Incoming, blocking};
 pub use store::{EntryLock, Queue, StoreError};
 pub use sync::DirSync;
 

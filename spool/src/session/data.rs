@@ -5,9 +5,9 @@ use common::queue::{Envelope, Origin, StoreError, now_millis};
 use common::smtp::Reply;
 use common::smtp::server::{Connection, DataEnd, ReadError};
 
-use super::incoming::Incoming;
 use super::state::{Hello, State, Transaction};
 use super::{Flow, Listener, Session, sanitize, written};
+use common::queue::Incoming;
 
 impl Session {
     /// DATA: 354, the message, and the final reply once it is durable.
@@ -101,7 +101,7 @@ impl Session {
         hello: &Hello,
         tx: &Transaction,
     ) -> Result<Incoming, Reply> {
-        let queue = &self.spool.queue;
+        let queue = self.spool.runner.queue();
         let mut message = Incoming::create(queue)
             .await
             .map_err(|e| store_failed(&e))?;
@@ -125,7 +125,7 @@ impl Session {
         message: Incoming,
         end: Result<DataEnd, ReadError>,
     ) -> (State, Reply, Flow) {
-        let queue = &self.spool.queue;
+        let queue = self.spool.runner.queue();
         let reply = match end {
             Ok(DataEnd::Complete { .. }) if message.hops() >= self.spool.settings.max_hops => {
                 tracing::warn!(hops = message.hops(), "refused a looping message");
@@ -195,10 +195,10 @@ impl Session {
             recipients: tx.recipients,
         };
         let size = message.size();
-        match message.commit(&self.spool.queue, envelope).await {
+        match message.commit(self.spool.runner.queue(), envelope).await {
             Ok(()) => {
                 tracing::info!(queue_id = %id, rcpts, size, "queued");
-                self.spool.scheduler.schedule(id.clone(), 0);
+                self.spool.runner.schedule(id.clone(), 0);
                 Reply::ok(250, "2.0.0", format!("queued as {id}"))
             }
             Err(e) => store_failed(&e),

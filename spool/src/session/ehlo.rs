@@ -19,7 +19,7 @@ impl Session {
     ) -> (State, Reply, Flow) {
         let (state, message) = state.reset();
         if let Some(m) = message {
-            m.discard(&self.spool.queue).await;
+            m.discard(self.spool.runner.queue()).await;
         }
         if name.trim().is_empty() {
             return (

@@ -3,12 +3,9 @@
 
 mod data;
 mod ehlo;
-mod incoming;
 mod mail;
 mod rcpt;
 mod state;
-
-pub(crate) use incoming::blocking;
 
 use std::sync::Arc;
 
@@ -130,7 +127,7 @@ pub(crate) async fn run(
         }
     }
     if let (_, Some(message)) = state.reset() {
-        message.discard(&session.spool.queue).await;
+        message.discard(session.spool.runner.queue()).await;
     }
     let _ = conn.close().await;
 }
@@ -167,7 +164,7 @@ impl Session {
             Request::Rset => {
                 let (state, message) = state.reset();
                 if let Some(m) = message {
-                    m.discard(&self.spool.queue).await;
+                    m.discard(self.spool.runner.queue()).await;
                 }
                 (state, Reply::ok(250, "2.0.0", "reset"), Flow::Continue)
             }

@@ -3,7 +3,7 @@
 use common::address::ReversePath;
 use common::queue::Recipient;
 
-use super::incoming::Incoming;
+use common::queue::Incoming;
 
 /// Where the session is in the SMTP dialogue (RFC 5321 §4.1.4).
 pub(crate) enum State {

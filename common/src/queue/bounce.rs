@@ -2,7 +2,7 @@
 //! the machine-readable `message/delivery-status` and the original message's header section
 //! (`text/rfc822-headers`, RFC 6522), built with lettre's message builder.
 
-use common::queue::{Envelope, Recipient};
+use super::{Envelope, Recipient};
 use lettre::message::header::{ContentTransferEncoding, ContentType, HeaderName, HeaderValue};
 use lettre::message::{Body, Mailbox, Message, MultiPart, SinglePart};
 
@@ -12,10 +12,10 @@ const MAX_QUOTED_HEADERS: usize = 64 * 1024;
 /// Why no bounce could be built.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot build a bounce: {0}")]
-pub(crate) struct BounceError(String);
+pub struct BounceError(String);
 
 /// The bounce for the `failed` recipients of `envelope`, addressed to its sender.
-pub(crate) fn build(
+pub fn build(
     hostname: &str,
     envelope: &Envelope,
     failed: &[&Recipient],
@@ -157,7 +157,7 @@ fn status_of(reply: &str) -> String {
     reply
         .split_whitespace()
         .take(2)
-        .find_map(common::smtp::EnhancedCode::parse)
+        .find_map(crate::smtp::EnhancedCode::parse)
         .map_or_else(|| "5.0.0".to_owned(), |c| c.to_string())
 }
 
@@ -179,7 +179,7 @@ fn rfc822_date(ms: u64) -> String {
 
 #[cfg(test)]
 mod tests {
-    use common::queue::{Origin, QueueId, RecipientState};
+    use crate::queue::{Origin, QueueId, RecipientState};
 
     use super::*;
 

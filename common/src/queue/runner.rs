@@ -1,5 +1,7 @@
-//! The queue runner: takes due entries, delivers them (through [`crate::deliver`]), records
-//! each recipient's outcome in the envelope, bounces failures, and removes finished entries.
+//! The queue runner, shared by the services that queue mail (the spool, the relay): it takes
+//! due entries, hands their due recipients to the service's [`Transport`], records each
+//! recipient's outcome in the envelope, bounces failures (RFC 3464, queued in the same queue),
+//! and removes finished entries.
 //!
 //! The schedule lives in memory ([`Scheduler`]); the envelope on disk is the truth. Each
 //! attempt takes the entry's lock and re-reads its envelope first, so a change made by
@@ -12,8 +14,8 @@ use std::io::Write as _;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use common::address::{Address, ParseOptions};
-use common::queue::{
+use crate::address::{Address, ParseOptions};
+use crate::queue::{
     Deferral, Envelope, Origin, QueueId, Recipient, RecipientState, StoreError, backoff, now_millis,
 };
 use tokio::sync::{Notify, Semaphore};
@@ -21,12 +23,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
-use crate::deliver::{self, Outcome};
-use crate::session::blocking;
-use crate::{Settings, Spool, bounce};
+use super::incoming::blocking;
+use super::{Queue, bounce};
 
 /// How often the runner looks for notices from `mailctl queue`.
-pub(crate) const CTL_POLL: Duration = Duration::from_millis(250);
+pub const CTL_POLL: Duration = Duration::from_millis(250);
 /// The longest wait between retries of a recipient held by the platform (a mailbox being
 /// moved, a filer down): short, so mail flows soon after the cause is gone.
 const HELD_RETRY_MAX: Duration = Duration::from_secs(60);
@@ -37,10 +38,125 @@ const MAX_STALE_ROUNDS: u32 = 3;
 /// The longest the runner sleeps without looking at its schedule.
 const MAX_IDLE: Duration = Duration::from_secs(60);
 
+/// How a runner behaves; each service fills it from its own settings.
+#[derive(Debug, Clone)]
+pub struct RunnerSettings {
+    /// This host's name, for bounces.
+    pub hostname: String,
+    /// The first retry delay; each further retry doubles it.
+    pub retry_min: Duration,
+    /// The longest retry delay.
+    pub retry_max: Duration,
+    /// How long a recipient may be retried before it is bounced (held ones never expire).
+    pub queue_lifetime: Duration,
+    /// Most delivery attempts running at once.
+    pub max_deliveries: usize,
+    /// How long running attempts may go on after shutdown.
+    pub shutdown_grace: Duration,
+}
+
+/// What became of one recipient in one attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The next hop took it; the reply.
+    Delivered(String),
+    /// Refused for good: bounce.
+    Failed(String),
+    /// Try again later.
+    Deferred {
+        /// The reply or error, for the queue listing.
+        reason: String,
+        /// Whether it may expire.
+        deferral: Deferral,
+    },
+    /// The next hop says the route is stale (a filer's `451 4.4.0`, "not here any more"):
+    /// look it up again and retry at once, a few rounds at most.
+    Stale(String),
+}
+
+impl Outcome {
+    /// A deferral that never expires: the platform itself holds the recipient.
+    pub fn held(reason: String) -> Self {
+        Self::Deferred {
+            reason,
+            deferral: Deferral::Held,
+        }
+    }
+
+    /// A deferral that is retried with backoff until the queue lifetime is over.
+    pub fn retry(reason: String) -> Self {
+        Self::Deferred {
+            reason,
+            deferral: Deferral::Retry,
+        }
+    }
+}
+
+/// How a service delivers: the spool over LMTP to filers, the relay over SMTP to the
+/// internet.
+#[async_trait::async_trait]
+pub trait Transport: Send + Sync {
+    /// Delivers `message` to `recipients` (addresses of `envelope`'s recipients, key form)
+    /// and returns one outcome per recipient, in order.
+    async fn deliver(
+        &self,
+        envelope: &Envelope,
+        recipients: &[String],
+        message: Arc<[u8]>,
+    ) -> Vec<Outcome>;
+}
+
+/// A queue, its schedule and its transport: what a service's sessions and its delivery loop
+/// share.
+pub struct Runner {
+    queue: Queue,
+    scheduler: Scheduler,
+    settings: RunnerSettings,
+    transport: Arc<dyn Transport>,
+}
+
+impl Runner {
+    /// A runner for `queue`, delivering through `transport`. Nothing is scheduled yet: see
+    /// [`Runner::recover`].
+    pub fn new(queue: Queue, settings: RunnerSettings, transport: Arc<dyn Transport>) -> Self {
+        Self {
+            queue,
+            scheduler: Scheduler::default(),
+            settings,
+            transport,
+        }
+    }
+
+    /// The queue.
+    pub fn queue(&self) -> &Queue {
+        &self.queue
+    }
+
+    /// Schedules entry `id` for an attempt at `at_ms` (0: now).
+    pub fn schedule(&self, id: QueueId, at_ms: u64) {
+        self.scheduler.schedule(id, at_ms);
+    }
+
+    /// Reads the queue after a start (or a crash), removes what was never committed, and
+    /// schedules every entry not held. Returns (entries, held).
+    pub async fn recover(&self) -> Result<(usize, usize), StoreError> {
+        let q = self.queue.clone();
+        let entries = blocking(move || q.recover()).await?;
+        let held = entries.iter().filter(|e| e.held).count();
+        for e in &entries {
+            if !e.held {
+                self.scheduler
+                    .schedule(e.id.clone(), e.next_try_ms().unwrap_or(0));
+            }
+        }
+        Ok((entries.len(), held))
+    }
+}
+
 /// The in-memory schedule: which entry is due when. Shared by the sessions (new entries) and
 /// the runner.
 #[derive(Default)]
-pub(crate) struct Scheduler {
+struct Scheduler {
     inner: Mutex<Schedule>,
     wake: Notify,
 }
@@ -59,7 +175,7 @@ struct Schedule {
 
 impl Scheduler {
     /// Schedules (or moves) entry `id` to be tried at `at_ms`, and wakes the runner.
-    pub(crate) fn schedule(&self, id: QueueId, at_ms: u64) {
+    fn schedule(&self, id: QueueId, at_ms: u64) {
         let mut s = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         if s.running.contains(&id) {
             let slot = s.after_run.entry(id).or_insert(at_ms);
@@ -125,7 +241,7 @@ impl Scheduler {
 }
 
 /// Runs the queue until `shutdown`; running attempts are given the shutdown grace period.
-pub(crate) async fn run(spool: Arc<Spool>, shutdown: CancellationToken) {
+pub async fn run(spool: Arc<Runner>, shutdown: CancellationToken) {
     let permits = Arc::new(Semaphore::new(spool.settings.max_deliveries));
     let tasks = TaskTracker::new();
     let mut ctl = tokio::time::interval(CTL_POLL);
@@ -162,7 +278,7 @@ pub(crate) async fn run(spool: Arc<Spool>, shutdown: CancellationToken) {
         }
     }
     tasks.close();
-    if tokio::time::timeout(spool.settings.shared.shutdown_grace, tasks.wait())
+    if tokio::time::timeout(spool.settings.shutdown_grace, tasks.wait())
         .await
         .is_err()
     {
@@ -171,7 +287,7 @@ pub(crate) async fn run(spool: Arc<Spool>, shutdown: CancellationToken) {
 }
 
 /// Schedules the entries `mailctl queue` changed.
-async fn take_notices(spool: &Arc<Spool>) {
+async fn take_notices(spool: &Arc<Runner>) {
     let q = spool.queue.clone();
     match blocking(move || q.take_notifications()).await {
         Ok(ids) => {
@@ -186,7 +302,7 @@ async fn take_notices(spool: &Arc<Spool>) {
 
 /// One attempt at an entry. Returns when to try it next, `None` when it is finished, held
 /// or gone.
-async fn attempt(spool: &Arc<Spool>, id: &QueueId) -> Option<u64> {
+async fn attempt(spool: &Arc<Runner>, id: &QueueId) -> Option<u64> {
     match try_attempt(spool, id).await {
         Ok(next) => next,
         Err(e) => {
@@ -196,7 +312,7 @@ async fn attempt(spool: &Arc<Spool>, id: &QueueId) -> Option<u64> {
     }
 }
 
-async fn try_attempt(spool: &Arc<Spool>, id: &QueueId) -> Result<Option<u64>, StoreError> {
+async fn try_attempt(spool: &Arc<Runner>, id: &QueueId) -> Result<Option<u64>, StoreError> {
     let settings = &spool.settings;
     // Lock the entry and read its envelope under the lock: an operator may have changed it.
     let (q, i) = (spool.queue.clone(), id.clone());
@@ -271,7 +387,7 @@ async fn try_attempt(spool: &Arc<Spool>, id: &QueueId) -> Result<Option<u64>, St
 /// Delivers the due recipients; a stale route (`451 4.4.0`) is looked up again and retried at
 /// once, a few rounds at most.
 async fn deliver_due(
-    spool: &Arc<Spool>,
+    spool: &Arc<Runner>,
     env: &mut Envelope,
     mut todo: Vec<usize>,
     message: Arc<[u8]>,
@@ -283,15 +399,7 @@ async fn deliver_due(
             .iter()
             .filter_map(|&i| env.recipients.get(i).map(|r| r.address.clone()))
             .collect();
-        let outcomes = deliver::deliver(
-            settings,
-            spool.directory.as_ref(),
-            &spool.filer_limits,
-            &env.reverse_path,
-            &addrs,
-            message.clone(),
-        )
-        .await;
+        let outcomes = spool.transport.deliver(env, &addrs, message.clone()).await;
         let mut stale = Vec::new();
         for (&i, outcome) in todo.iter().zip(outcomes) {
             let Some(r) = env.recipients.get_mut(i) else {
@@ -322,7 +430,7 @@ async fn deliver_due(
 }
 
 /// Records one outcome in the recipient.
-fn apply(settings: &Settings, r: &mut Recipient, outcome: Outcome, now: u64) {
+fn apply(settings: &RunnerSettings, r: &mut Recipient, outcome: Outcome, now: u64) {
     r.attempts += 1;
     match outcome {
         Outcome::Delivered(reply) => {
@@ -340,7 +448,13 @@ fn apply(settings: &Settings, r: &mut Recipient, outcome: Outcome, now: u64) {
     }
 }
 
-fn defer(settings: &Settings, r: &mut Recipient, reason: String, deferral: Deferral, now: u64) {
+fn defer(
+    settings: &RunnerSettings,
+    r: &mut Recipient,
+    reason: String,
+    deferral: Deferral,
+    now: u64,
+) {
     let max = match deferral {
         Deferral::Held => settings.retry_max.min(HELD_RETRY_MAX),
         Deferral::Retry => settings.retry_max,
@@ -355,7 +469,7 @@ fn defer(settings: &Settings, r: &mut Recipient, reason: String, deferral: Defer
 /// Fails the pending recipients past the queue lifetime (those held by the platform never
 /// expire), and returns the recipients that failed in this attempt.
 fn expire_and_collect_failed(
-    settings: &Settings,
+    settings: &RunnerSettings,
     env: &mut Envelope,
     was_pending: &[usize],
     now: u64,
@@ -385,9 +499,9 @@ fn expire_and_collect_failed(
 
 /// Queues a bounce for the `failed` recipients to the sender, unless the sender is null or
 /// the message is itself a bounce (RFC 5321 §6.1, §4.5.5: no bounce loops). The bounce is
-/// routed like any message: to a hosted sender's mailbox, or it waits for the relay (#6).
+/// routed like any message by the service's transport.
 async fn bounce(
-    spool: &Arc<Spool>,
+    spool: &Arc<Runner>,
     env: &Envelope,
     failed: &[usize],
     message: &[u8],
@@ -403,7 +517,7 @@ async fn bounce(
         .iter()
         .filter_map(|&i| env.recipients.get(i))
         .collect();
-    let hostname = &spool.settings.shared.hostname;
+    let hostname = &spool.settings.hostname;
     let bytes = match bounce::build(hostname, env, &failed, message) {
         Ok(b) => b,
         Err(e) => {

@@ -5,7 +5,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use common::queue::{Envelope, Queue, QueueId, StoreError};
+use super::{Envelope, Queue, QueueId, StoreError};
 use tokio::io::{AsyncWrite, AsyncWriteExt as _, BufWriter};
 
 /// Bytes buffered before a write to the file.
@@ -14,7 +14,7 @@ const WRITE_BUF: usize = 64 * 1024;
 /// The queue file of a message being received. It is an [`AsyncWrite`] sink for DATA and
 /// BDAT; what passes through it is the client's message, whose header section is scanned for
 /// `Received:` lines.
-pub(crate) struct Incoming {
+pub struct Incoming {
     id: QueueId,
     file: BufWriter<tokio::fs::File>,
     hops: HopCounter,
@@ -26,7 +26,7 @@ pub(crate) struct Incoming {
 
 impl Incoming {
     /// Creates the message file of a new queue entry.
-    pub(crate) async fn create(queue: &Queue) -> Result<Self, StoreError> {
+    pub async fn create(queue: &Queue) -> Result<Self, StoreError> {
         let q = queue.clone();
         let (id, file) = blocking(move || q.create()).await?;
         Ok(Self {
@@ -39,38 +39,34 @@ impl Incoming {
     }
 
     /// The id of the entry-to-be.
-    pub(crate) fn id(&self) -> &QueueId {
+    pub fn id(&self) -> &QueueId {
         &self.id
     }
 
     /// Writes our own header (not counted as a hop of the client's message).
-    pub(crate) async fn write_header(&mut self, header: &str) -> io::Result<()> {
+    pub async fn write_header(&mut self, header: &str) -> io::Result<()> {
         self.file.write_all(header.as_bytes()).await?;
         self.size += header.len() as u64;
         Ok(())
     }
 
     /// `Received:` headers in the client's message.
-    pub(crate) fn hops(&self) -> usize {
+    pub fn hops(&self) -> usize {
         self.hops.count
     }
 
     /// Bytes of the client's message so far (for BDAT's running total).
-    pub(crate) fn body_size(&self) -> u64 {
+    pub fn body_size(&self) -> u64 {
         self.body_size
     }
 
     /// Bytes in the file.
-    pub(crate) fn size(&self) -> u64 {
+    pub fn size(&self) -> u64 {
         self.size
     }
 
     /// Makes the entry durable (see [`Queue::commit`]).
-    pub(crate) async fn commit(
-        mut self,
-        queue: &Queue,
-        envelope: Envelope,
-    ) -> Result<(), StoreError> {
+    pub async fn commit(mut self, queue: &Queue, envelope: Envelope) -> Result<(), StoreError> {
         if let Err(e) = self.file.flush().await {
             self.discard(queue).await;
             return Err(StoreError::Io {
@@ -84,7 +80,7 @@ impl Incoming {
     }
 
     /// Removes the file of a message that will not be queued.
-    pub(crate) async fn discard(self, queue: &Queue) {
+    pub async fn discard(self, queue: &Queue) {
         drop(self.file);
         let q = queue.clone();
         let id = self.id;
@@ -118,7 +114,7 @@ impl AsyncWrite for Incoming {
 }
 
 /// Runs blocking queue work off the async workers.
-pub(crate) async fn blocking<T: Send + 'static>(
+pub async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, StoreError> {
     tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
