@@ -15,9 +15,9 @@
 //!   and [`MAX_REPLY_LINES`]; nothing the peer sends can panic the client.
 //! - **STARTTLS** (RFC 3207) per [`TlsPolicy`]; whatever the server sent after its `220` and
 //!   before the handshake is discarded, so plaintext cannot be injected into the TLS session.
-//! - **Dot-stuffing** that never changes the body: a `.` at the start of a line is doubled,
-//!   where a line starts after CRLF, after a bare LF *and* after a bare CR, so no body can form
-//!   an end-of-data marker even at a lax server (SMTP smuggling).
+//! - **Normalised, dot-stuffed bodies**: every bare LF or bare CR goes out as CRLF and a `.`
+//!   at the start of a line is doubled, so no stored body can form an end-of-data marker, even
+//!   at a lax server (SMTP smuggling).
 //!
 //! Not done here: BDAT/CHUNKING, DSN parameters (NOTIFY, ORCPT, RET, ENVID) and AUTH.
 
@@ -704,24 +704,44 @@ impl Client {
         Ok((mail_reply, replies))
     }
 
-    /// Writes the body dot-stuffed, then the end-of-data marker.
+    /// Writes the body normalised and dot-stuffed, then the end-of-data marker. Every bare LF
+    /// and bare CR goes out as CRLF, so whatever bytes a stored message holds, the next hop
+    /// sees only CRLF lines and can never take part of the body for its end (SMTP smuggling).
     async fn write_body(&mut self, message: &[u8]) -> Result<(), HopError> {
         let mut out = Vec::with_capacity(message.len().min(BODY_CHUNK_LEN) + 8);
         let mut at_line_start = true;
+        let mut pending_cr = false;
         for &b in message {
-            // A line starts after CRLF, and for lax servers after a bare LF or a bare CR.
-            if b == b'.' && at_line_start {
-                out.push(b'.');
+            if pending_cr {
+                pending_cr = false;
+                out.extend_from_slice(b"\r\n");
+                at_line_start = true;
+                if b == b'\n' {
+                    continue;
+                }
+            }
+            match b {
+                b'\r' => {
+                    pending_cr = true;
+                    continue;
+                }
+                b'\n' => {
+                    out.extend_from_slice(b"\r\n");
+                    at_line_start = true;
+                    continue;
+                }
+                b'.' if at_line_start => out.push(b'.'),
+                _ => {}
             }
             out.push(b);
-            at_line_start = b == b'\n' || b == b'\r';
+            at_line_start = false;
             if out.len() >= BODY_CHUNK_LEN {
                 self.write(&out, Stage::Body, self.settings.data_timeout)
                     .await?;
                 out.clear();
             }
         }
-        if !message.ends_with(b"\r\n") {
+        if pending_cr || !at_line_start {
             out.extend_from_slice(b"\r\n");
         }
         out.extend_from_slice(b".\r\n");
@@ -1272,11 +1292,14 @@ mod tests {
                 b"..leading\r\nmid\r\n...two\r\n..\r\nend\r\n.\r\n",
             ),
             (b"no final crlf", b"no final crlf\r\n.\r\n"),
-            (b"a\n.\nb\r\n", b"a\n..\nb\r\n.\r\n"),
-            (b"a\r.\rb\r\n.", b"a\r..\rb\r\n..\r\n.\r\n"),
-            (b"a\r\n.\nsmuggled\r\n", b"a\r\n..\nsmuggled\r\n.\r\n"),
-            (b"", b"\r\n.\r\n"),
-            (b"ends in lf\n", b"ends in lf\n\r\n.\r\n"),
+            // Bare LF and bare CR go out as CRLF, a dot after them stuffed.
+            (b"a\n.\nb\r\n", b"a\r\n..\r\nb\r\n.\r\n"),
+            (b"a\r.\rb\r\n.", b"a\r\n..\r\nb\r\n..\r\n.\r\n"),
+            (b"a\r\n.\nsmuggled\r\n", b"a\r\n..\r\nsmuggled\r\n.\r\n"),
+            (b"a\n.\r\nQUIT\r\n", b"a\r\n..\r\nQUIT\r\n.\r\n"),
+            (b"ends in lf\n", b"ends in lf\r\n.\r\n"),
+            (b"ends in cr\r", b"ends in cr\r\n.\r\n"),
+            (b"\r\r\n\n", b"\r\n\r\n\r\n.\r\n"),
         ];
         let mut script = vec![
             Step::Send(b"220 x\r\n"),
