@@ -2,6 +2,8 @@
 //!
 //! Not built yet (TODO(#7)): only the entry point exists, so the platform can be assembled.
 
+pub mod dkim;
+
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 

@@ -1,0 +1,1 @@
+//! DKIM signing (RFC 6376) for hosted domains with a key. TODO: being written.
