@@ -24,6 +24,7 @@
 
 pub mod address;
 pub mod config;
+pub mod dns;
 pub mod location;
 pub mod net;
 pub mod pop3;
