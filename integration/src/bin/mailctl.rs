@@ -62,6 +62,9 @@ enum Command {
     /// Configuration.
     #[command(subcommand)]
     Config(ConfigCmd),
+    /// DKIM signing keys of the relay.
+    #[command(subcommand)]
+    Dkim(DkimCmd),
 }
 
 #[derive(Subcommand)]
@@ -203,6 +206,23 @@ enum FilerCmd {
 }
 
 #[derive(Subcommand)]
+enum DkimCmd {
+    /// Make an RSA-2048 key for DOMAIN and print the DNS TXT record to publish. Refused when
+    /// DOMAIN already has a key.
+    Generate {
+        domain: String,
+        /// The selector: the record is published as SELECTOR._domainkey.DOMAIN.
+        #[arg(long, default_value = "mail")]
+        selector: String,
+    },
+    /// List the domains with a key, and their selectors.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum ConfigCmd {
     /// Validate the configuration and report every problem with its key.
     Check,
@@ -283,6 +303,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Alias(c) => alias(&settings, c).await,
         Command::Filer(c) => filer(&settings, c).await,
         Command::Queue(c) => tokio::task::spawn_blocking(move || queue_cmd(&settings, c)).await?,
+        Command::Dkim(c) => dkim(&settings, c).await,
     }
 }
 
@@ -805,6 +826,71 @@ async fn filer(settings: &PlatformSettings, cmd: FilerCmd) -> anyhow::Result<Exi
                         f.filer.lmtp,
                         f.filer.imap,
                         f.filer.pop3
+                    );
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Where the relay's DKIM keys are.
+fn dkim_dir(settings: &PlatformSettings) -> PathBuf {
+    settings.shared.data_dir.join("dkim")
+}
+
+async fn dkim(settings: &PlatformSettings, cmd: DkimCmd) -> anyhow::Result<ExitCode> {
+    let dir = dkim_dir(settings);
+    match cmd {
+        DkimCmd::Generate { domain, selector } => {
+            let domain = admin::parse_domain(&domain)?;
+            // Keys may be made before the domain is added, so this only warns.
+            match platform::open_directory(settings).await {
+                Ok(db) => match db.is_hosted_domain(&domain).await {
+                    Ok(true) => {}
+                    Ok(false) => eprintln!(
+                        "mailctl: warning: {domain} is not a hosted domain (add it with `mailctl domain add {domain}`)"
+                    ),
+                    Err(e) => eprintln!(
+                        "mailctl: warning: cannot check whether {domain} is hosted: {e:#}"
+                    ),
+                },
+                Err(e) => {
+                    eprintln!("mailctl: warning: cannot check whether {domain} is hosted: {e:#}")
+                }
+            }
+            let d = domain.clone();
+            let g = tokio::task::spawn_blocking(move || relay::dkim::generate(&dir, &d, &selector))
+                .await??;
+            out!("wrote the DKIM key {}", g.path.display());
+            out!(
+                "publish this TXT record in the DNS zone of {domain}; until it is there, receivers cannot verify the signatures:"
+            );
+            out!("{}", g.zone_line());
+        }
+        DkimCmd::List { json } => {
+            let signer =
+                tokio::task::spawn_blocking(move || relay::dkim::Signer::load(&dir)).await??;
+            let keys = signer.keys();
+            if json {
+                let list: Vec<_> = keys
+                    .iter()
+                    .map(|k| {
+                        serde_json::json!({
+                            "domain": k.domain,
+                            "selector": k.selector,
+                            "path": k.path.display().to_string(),
+                        })
+                    })
+                    .collect();
+                out!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                for k in keys {
+                    out!(
+                        "{}  selector={}  {}",
+                        k.domain,
+                        k.selector,
+                        k.path.display()
                     );
                 }
             }

@@ -214,3 +214,58 @@ fn user_import_reads_address_and_password_lines() {
         "a bad line changes nothing"
     );
 }
+
+#[test]
+fn dkim_generate_then_list() {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(d, &["domain", "add", "example.test"], None);
+    let out = ok(d, &["dkim", "generate", "Example.TEST"], None);
+    let key = d.join("data/dkim/example.test.mail.key");
+    assert!(out.contains("data/dkim/example.test.mail.key"), "{out}");
+    assert!(
+        out.contains("mail._domainkey.example.test. IN TXT ( \"v=DKIM1; k=rsa; p="),
+        "{out}"
+    );
+    assert!(out.contains("publish"), "{out}");
+    let pem = std::fs::read(&key).unwrap();
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    for selector in ["mail", "s2"] {
+        fails(
+            d,
+            &["dkim", "generate", "example.test", "--selector", selector],
+            None,
+            "already has a DKIM key",
+        );
+    }
+    assert_eq!(std::fs::read(&key).unwrap(), pem, "the key is unchanged");
+
+    // A domain that is not hosted gets a key, with a warning.
+    let out = mailctl(
+        d,
+        &["dkim", "generate", "other.test", "--selector", "s2026"],
+        None,
+    );
+    assert!(out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a hosted domain"), "{err}");
+
+    let list = ok(d, &["dkim", "list"], None);
+    let lines: Vec<&str> = list.lines().collect();
+    assert_eq!(lines.len(), 2, "{list}");
+    assert!(
+        lines[0].starts_with("example.test  selector=mail"),
+        "{list}"
+    );
+    assert!(lines[1].starts_with("other.test  selector=s2026"), "{list}");
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(d, &["dkim", "list", "--json"], None)).unwrap();
+    assert_eq!(json[0]["domain"], "example.test");
+    assert_eq!(json[1]["selector"], "s2026");
+}
