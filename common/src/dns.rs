@@ -142,6 +142,37 @@ impl Resolver for System {
     }
 }
 
+/// A resolver for a host without one (no usable `/etc/resolv.conf`): every lookup is a
+/// temporary failure, so mail waits in the queue instead of bouncing.
+#[derive(Debug, Default)]
+pub struct Unavailable(pub String);
+
+#[async_trait::async_trait]
+impl Resolver for Unavailable {
+    async fn mx(&self, domain: &str) -> Result<Vec<Mx>, DnsError> {
+        Err(DnsError::Temporary(domain.to_owned(), self.0.clone()))
+    }
+
+    async fn ips(&self, host: &str) -> Result<Vec<IpAddr>, DnsError> {
+        Err(DnsError::Temporary(host.to_owned(), self.0.clone()))
+    }
+
+    async fn txt(&self, name: &str) -> Result<Vec<String>, DnsError> {
+        Err(DnsError::Temporary(name.to_owned(), self.0.clone()))
+    }
+}
+
+/// The system resolver, or [`Unavailable`] (with a warning) when it cannot be set up.
+pub fn system_or_unavailable() -> std::sync::Arc<dyn Resolver> {
+    match System::from_system() {
+        Ok(r) => std::sync::Arc::new(r),
+        Err(e) => {
+            tracing::warn!(error = %e, "no dns resolver: outbound mail to the internet will wait");
+            std::sync::Arc::new(Unavailable(e.to_string()))
+        }
+    }
+}
+
 /// An in-memory zone. Names are compared without case and without a trailing dot. A name
 /// added with [`Static::fail`] answers every lookup with a temporary failure.
 #[derive(Debug, Default)]

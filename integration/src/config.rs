@@ -31,6 +31,9 @@ pub struct PlatformFile {
     /// `[access]`: the IMAP/POP3 proxy. Default: enabled, IMAP on `127.0.0.1:1143` (STARTTLS)
     /// and `:1993` (TLS), POP3 on `127.0.0.1:1110` (STLS) and `:1995` (TLS).
     pub access: access::FileConfig,
+    /// `[relay]`: authenticated submission and outbound delivery. Default: enabled, STARTTLS
+    /// submission on `127.0.0.1:2587`, implicit TLS on `127.0.0.1:2465`.
+    pub relay: relay::FileConfig,
 }
 
 impl Default for PlatformFile {
@@ -46,6 +49,7 @@ impl Default for PlatformFile {
             ],
             spool: spool::FileConfig::default(),
             access: access::FileConfig::default(),
+            relay: relay::FileConfig::default(),
         }
     }
 }
@@ -61,6 +65,8 @@ pub struct PlatformSettings {
     pub spool: Option<Arc<spool::Settings>>,
     /// The access proxy, unless `[access] enabled = false`.
     pub access: Option<Arc<access::Settings>>,
+    /// The relay, unless `[relay] enabled = false`.
+    pub relay: Option<Arc<relay::Settings>>,
 }
 
 impl PlatformSettings {
@@ -96,12 +102,21 @@ impl PlatformSettings {
         let spool = file.spool.enabled.then(|| Arc::new(spool));
         let access = access::Settings::build(&file.access, "access", &shared, &mut p);
         let access = file.access.enabled.then(|| Arc::new(access));
-        check_listen_conflicts(&filers, spool.as_deref(), access.as_deref(), &mut p);
+        let relay = relay::Settings::build(&file.relay, "relay", &shared, &mut p);
+        let relay = file.relay.enabled.then(|| Arc::new(relay));
+        check_listen_conflicts(
+            &filers,
+            spool.as_deref(),
+            access.as_deref(),
+            relay.as_deref(),
+            &mut p,
+        );
         p.into_result(Self {
             shared: Arc::new(shared),
             filers,
             spool,
             access,
+            relay,
         })
     }
 }
@@ -110,6 +125,7 @@ fn check_listen_conflicts(
     filers: &[Arc<filer::Settings>],
     spool: Option<&spool::Settings>,
     access: Option<&access::Settings>,
+    relay: Option<&relay::Settings>,
     p: &mut Problems,
 ) {
     let mut all = Vec::new();
@@ -126,6 +142,10 @@ fn check_listen_conflicts(
         for (what, addr) in a.listen_addresses() {
             all.push((format!("access.{what}"), addr));
         }
+    }
+    if let Some(r) = relay {
+        all.push(("relay.submission".to_owned(), r.submission));
+        all.push(("relay.submissions".to_owned(), r.submissions));
     }
     let mut seen: Vec<(std::net::SocketAddr, String)> = Vec::new();
     for (key, addr) in all {

@@ -23,6 +23,8 @@ pub struct Running {
     pub filers: Vec<FilerAddrs>,
     /// The spool's bound SMTP and reinjection addresses, when it runs.
     pub spool: Option<(Option<SocketAddr>, Option<SocketAddr>)>,
+    /// The relay's bound submission (STARTTLS) and submissions (TLS) addresses, when it runs.
+    pub relay: Option<(Option<SocketAddr>, Option<SocketAddr>)>,
     /// The access proxy's bound addresses (IMAP, IMAPS, POP3, POP3S), when it runs.
     pub access: Option<[Option<SocketAddr>; 4]>,
     /// The location database (cached), as the services see it.
@@ -151,6 +153,7 @@ pub async fn start(settings: PlatformSettings) -> anyhow::Result<Running> {
         filers: bound_settings.iter().map(|(s, _)| s.clone()).collect(),
         spool: None,
         access: None,
+        relay: None,
     };
     register_filers(&registered, directory.as_ref()).await?;
 
@@ -175,6 +178,41 @@ pub async fn start(settings: PlatformSettings) -> anyhow::Result<Running> {
         tasks.spawn(async move {
             let r = spool::serve(s, dir, l, token).await;
             ("spool".to_owned(), r.map_err(anyhow::Error::from))
+        });
+    }
+
+    let mut relay_addrs = None;
+    if let Some(s) = &settings.relay {
+        let l = relay::Listeners {
+            submission: bind(s.submission, "relay submission").await?,
+            submissions: bind(s.submissions, "relay submissions").await?,
+        };
+        let addrs = (local(&l.submission), local(&l.submissions));
+        for (proto, a) in [("submission", addrs.0), ("submissions", addrs.1)] {
+            if let Some(a) = a {
+                listeners.push(Listener {
+                    service: "relay".into(),
+                    protocol: proto.into(),
+                    address: a.to_string(),
+                });
+            }
+        }
+        relay_addrs = Some(addrs);
+        let mut s = (**s).clone();
+        // Mail for hosted domains goes to the spool started here, unless configured.
+        if s.hosted_route.is_none()
+            && let Some((Some(smtp), _)) = spool_addrs
+        {
+            s.hosted_route = Some(relay::Route {
+                host: smtp.ip().to_string(),
+                port: smtp.port(),
+            });
+        }
+        let (s, dir, token) = (Arc::new(s), directory.clone(), shutdown.child_token());
+        let dns = common::dns::system_or_unavailable();
+        tasks.spawn(async move {
+            let r = relay::serve(s, dir, dns, l, token).await;
+            ("relay".to_owned(), r.map_err(anyhow::Error::from))
         });
     }
 
@@ -223,6 +261,7 @@ pub async fn start(settings: PlatformSettings) -> anyhow::Result<Running> {
         listeners,
         filers,
         spool: spool_addrs,
+        relay: relay_addrs,
         access: access_addrs,
         directory,
         shutdown,

@@ -1,5 +1,6 @@
-//! `mailctl queue`: the spool's queue as an operator sees it, read and changed on disk while
-//! the spool runs.
+//! `mailctl queue`: the spool's and the relay's queues as an operator sees them, read and
+//! changed on disk while the services run. Queue ids are unique across queues (creation time
+//! and random bits), so an id names its entry wherever it is.
 //!
 //! Every change takes the entry's lock (the running spool holds it during a delivery
 //! attempt, and re-reads the envelope under it before each attempt), rewrites the envelope
@@ -29,13 +30,35 @@ pub enum Change {
     Delete,
 }
 
-/// Opens the queue of the spool this configuration runs.
-pub fn open(settings: &PlatformSettings) -> anyhow::Result<Queue> {
-    let Some(spool) = &settings.spool else {
-        bail!("this configuration runs no spool ([spool] enabled = false)");
-    };
-    Queue::open(&spool.queue_dir)
-        .with_context(|| format!("opening the queue in {}", spool.queue_dir.display()))
+/// Opens the queues of the services this configuration runs: `("spool", ...)`,
+/// `("relay", ...)`.
+pub fn open_all(settings: &PlatformSettings) -> anyhow::Result<Vec<(&'static str, Queue)>> {
+    let mut out = Vec::new();
+    let dirs = [
+        ("spool", settings.spool.as_ref().map(|s| &s.queue_dir)),
+        ("relay", settings.relay.as_ref().map(|s| &s.queue_dir)),
+    ];
+    for (name, dir) in dirs {
+        if let Some(dir) = dir {
+            let q = Queue::open(dir)
+                .with_context(|| format!("opening the {name} queue in {}", dir.display()))?;
+            out.push((name, q));
+        }
+    }
+    if out.is_empty() {
+        bail!("this configuration runs neither a spool nor a relay");
+    }
+    Ok(out)
+}
+
+/// The queue holding entry `id`.
+pub fn find<'a>(queues: &'a [(&'static str, Queue)], id: &QueueId) -> anyhow::Result<&'a Queue> {
+    for (_, q) in queues {
+        if q.load(id)?.is_some() {
+            return Ok(q);
+        }
+    }
+    bail!("no queue entry {id}")
 }
 
 /// Parses an id typed by an operator.
@@ -76,14 +99,14 @@ pub fn apply(queue: &Queue, id: &QueueId, change: Change) -> anyhow::Result<Opti
     Ok(result)
 }
 
-/// One line per entry for `mailctl queue list`.
-pub fn format_list(entries: &[Envelope]) -> String {
+/// One line per entry for `mailctl queue list`; each entry with the name of its queue.
+pub fn format_list(entries: &[(&str, Envelope)]) -> String {
     let mut out = format!(
-        "{:<18} {:>7} {:>9}  {:<30} {:>7}  {:<10} last reply\n",
-        "id", "age", "size", "from", "pending", "state"
+        "{:<5} {:<18} {:>7} {:>9}  {:<30} {:>7}  {:<10} last reply\n",
+        "queue", "id", "age", "size", "from", "pending", "state"
     );
     let now = now_millis();
-    for e in entries {
+    for (queue, e) in entries {
         let pending = e.recipients.iter().filter(|r| r.is_pending()).count();
         let state = if e.held {
             "held".to_owned()
@@ -106,7 +129,8 @@ pub fn format_list(entries: &[Envelope]) -> String {
             e.reverse_path.as_str()
         };
         out.push_str(&format!(
-            "{:<18} {:>7} {:>9}  {:<30} {:>3}/{:<3}  {:<10} {}\n",
+            "{:<5} {:<18} {:>7} {:>9}  {:<30} {:>3}/{:<3}  {:<10} {}\n",
+            queue,
             e.id,
             short(now.saturating_sub(e.queued_ms)),
             e.size,

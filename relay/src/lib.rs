@@ -136,7 +136,12 @@ pub async fn serve(
         transport,
     ));
     let (entries, held) = runner.recover().await?;
-    tracing::info!(entries, held, dkim_domains = dkim.domains().len(), "relay queue recovered");
+    tracing::info!(
+        entries,
+        held,
+        dkim_domains = dkim.domains().len(),
+        "relay queue recovered"
+    );
     let relay = Arc::new(Relay {
         settings: settings.clone(),
         directory,
@@ -156,8 +161,7 @@ pub async fn serve(
             Ok(())
         });
     }
-    for (listener, implicit_tls) in [(listeners.submission, false), (listeners.submissions, true)]
-    {
+    for (listener, implicit_tls) in [(listeners.submission, false), (listeners.submissions, true)] {
         if let Some(l) = listener {
             tasks.spawn(serve_listener(
                 relay.clone(),

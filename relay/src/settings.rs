@@ -69,7 +69,8 @@ pub struct FileConfig {
     pub connect_timeout: String,
     /// Time allowed for each SMTP command and reply to a next hop. Default: `"5m"`.
     pub smtp_timeout: String,
-    /// Where mail for hosted domains goes: a spool's MX listener. Default: `127.0.0.1:2525`.
+    /// Where mail for hosted domains goes: a spool's MX listener (`host:port`). Empty: the
+    /// spool started by the same `mailctl up`. Default: empty.
     pub hosted_route: String,
     /// Routes that override DNS: a domain (or `*` for every other domain: a smarthost) to
     /// `host:port`. Default: none.
@@ -107,7 +108,7 @@ impl Default for FileConfig {
             max_deliveries: 100,
             connect_timeout: "30s".into(),
             smtp_timeout: "5m".into(),
-            hosted_route: "127.0.0.1:2525".into(),
+            hosted_route: String::new(),
             routes: BTreeMap::new(),
             starttls_outbound: true,
         }
@@ -192,7 +193,7 @@ pub struct Settings {
     pub connect_timeout: Duration,
     /// Command/reply timeout to next hops.
     pub smtp_timeout: Duration,
-    /// The spool that takes mail for hosted domains.
+    /// The spool that takes mail for hosted domains (`None`: none known; such mail waits).
     pub hosted_route: Option<Route>,
     /// Domain (lower case, or `*`) to route.
     pub routes: BTreeMap<String, Route>,

@@ -117,9 +117,9 @@ impl Outbound {
         }
         if hops.is_empty() {
             return Err(match last {
-                Some(Outcome::Failed(_)) | None => Outcome::Failed(format!(
-                    "550 5.1.2 {domain}: no mail server found in DNS"
-                )),
+                Some(Outcome::Failed(_)) | None => {
+                    Outcome::Failed(format!("550 5.1.2 {domain}: no mail server found in DNS"))
+                }
                 Some(o) => o,
             });
         }

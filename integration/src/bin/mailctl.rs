@@ -56,7 +56,7 @@ enum Command {
     /// Storage servers.
     #[command(subcommand)]
     Filer(FilerCmd),
-    /// The spool's queue (works while the spool runs).
+    /// The spool's and the relay's queues (works while they run).
     #[command(subcommand)]
     Queue(QueueCmd),
     /// Configuration.
@@ -516,12 +516,23 @@ async fn status(settings: &PlatformSettings, json: bool) -> anyhow::Result<ExitC
 
 fn queue_cmd(settings: &PlatformSettings, cmd: QueueCmd) -> anyhow::Result<ExitCode> {
     use integration::queue::{self as q, Change};
-    let queue = q::open(settings)?;
+    let queues = q::open_all(settings)?;
     let (ids, change, json) = match cmd {
         QueueCmd::List { json } => {
-            let entries = queue.list()?;
+            let mut entries = Vec::new();
+            for (name, queue) in &queues {
+                entries.extend(queue.list()?.into_iter().map(|e| (*name, e)));
+            }
             if json {
-                out!("{}", serde_json::to_string_pretty(&entries)?);
+                let mut list = Vec::new();
+                for (name, e) in &entries {
+                    let mut v = serde_json::to_value(e)?;
+                    if let Some(map) = v.as_object_mut() {
+                        map.insert("queue".into(), (*name).into());
+                    }
+                    list.push(v);
+                }
+                out!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 print!("{}", q::format_list(&entries));
             }
@@ -529,6 +540,7 @@ fn queue_cmd(settings: &PlatformSettings, cmd: QueueCmd) -> anyhow::Result<ExitC
         }
         QueueCmd::Show { id, json } => {
             let id = q::parse_id(&id)?;
+            let queue = q::find(&queues, &id)?;
             let Some(env) = queue.load(&id)? else {
                 bail!("no queue entry {id}");
             };
@@ -541,7 +553,14 @@ fn queue_cmd(settings: &PlatformSettings, cmd: QueueCmd) -> anyhow::Result<ExitC
         }
         QueueCmd::Retry { ids, all, json } => {
             if all {
-                return retry_all(&queue, json);
+                let mut done = Vec::new();
+                for (_, queue) in &queues {
+                    done.extend(retry_all(queue, json)?);
+                }
+                if json {
+                    out!("{}", serde_json::to_string_pretty(&done)?);
+                }
+                return Ok(ExitCode::SUCCESS);
             }
             (ids, Change::Retry, json)
         }
@@ -552,7 +571,7 @@ fn queue_cmd(settings: &PlatformSettings, cmd: QueueCmd) -> anyhow::Result<ExitC
     let mut done = Vec::new();
     for id in &ids {
         let id = q::parse_id(id)?;
-        let env = q::apply(&queue, &id, change)?;
+        let env = q::apply(q::find(&queues, &id)?, &id, change)?;
         if !json {
             let verb = match change {
                 Change::Retry => "will retry",
@@ -571,7 +590,7 @@ fn queue_cmd(settings: &PlatformSettings, cmd: QueueCmd) -> anyhow::Result<ExitC
 }
 
 /// `mailctl queue retry --all`: entries delivered meanwhile are skipped, not an error.
-fn retry_all(queue: &common::queue::Queue, json: bool) -> anyhow::Result<ExitCode> {
+fn retry_all(queue: &common::queue::Queue, json: bool) -> anyhow::Result<Vec<serde_json::Value>> {
     use integration::queue::{self as q, Change};
     let mut done = Vec::new();
     for e in queue.list()? {
@@ -586,10 +605,7 @@ fn retry_all(queue: &common::queue::Queue, json: bool) -> anyhow::Result<ExitCod
             Err(err) => return Err(err),
         }
     }
-    if json {
-        out!("{}", serde_json::to_string_pretty(&done)?);
-    }
-    Ok(ExitCode::SUCCESS)
+    Ok(done)
 }
 
 async fn domain(settings: &PlatformSettings, cmd: DomainCmd) -> anyhow::Result<ExitCode> {
@@ -836,7 +852,10 @@ async fn filer(settings: &PlatformSettings, cmd: FilerCmd) -> anyhow::Result<Exi
 
 /// Where the relay's DKIM keys are.
 fn dkim_dir(settings: &PlatformSettings) -> PathBuf {
-    settings.shared.data_dir.join("dkim")
+    match &settings.relay {
+        Some(r) => r.dkim_dir.clone(),
+        None => settings.shared.data_dir.join("dkim"),
+    }
 }
 
 async fn dkim(settings: &PlatformSettings, cmd: DkimCmd) -> anyhow::Result<ExitCode> {

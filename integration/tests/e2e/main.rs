@@ -4,5 +4,6 @@
 mod access;
 mod filer;
 mod mailctl;
+mod relay;
 mod spool;
 mod support;

@@ -100,7 +100,7 @@ impl Drop for Up {
 /// A config file with every listener on an ephemeral port, two filers, a spool with test
 /// timings (short greeting delay, retries within a second, a short lookup cache) and the access
 /// proxy with short login delays.
-pub(crate) const EPHEMERAL_CONFIG: &str = "[database]\ncache_ttl = \"100ms\"\n\n[access]\nimap = \"127.0.0.1:0\"\nimaps = \"127.0.0.1:0\"\npop3 = \"127.0.0.1:0\"\npop3s = \"127.0.0.1:0\"\nlogin_delay = \"10ms\"\nlogin_delay_max = \"50ms\"\n\n[spool]\nsmtp = \"127.0.0.1:0\"\nreinject = \"127.0.0.1:0\"\ngreet_delay = \"50ms\"\nretry_min = \"100ms\"\nretry_max = \"500ms\"\n\n[[filers]]\nname = \"filer1\"\nlmtp = \"127.0.0.1:0\"\nimap = \"127.0.0.1:0\"\npop3 = \"127.0.0.1:0\"\n\n[[filers]]\nname = \"filer2\"\nlmtp = \"127.0.0.1:0\"\nimap = \"127.0.0.1:0\"\npop3 = \"127.0.0.1:0\"\n";
+pub(crate) const EPHEMERAL_CONFIG: &str = "[database]\ncache_ttl = \"100ms\"\n\n[relay]\nsubmission = \"127.0.0.1:0\"\nsubmissions = \"127.0.0.1:0\"\nretry_min = \"100ms\"\nretry_max = \"500ms\"\nlogin_delay = \"10ms\"\nlogin_delay_max = \"50ms\"\n\n[access]\nimap = \"127.0.0.1:0\"\nimaps = \"127.0.0.1:0\"\npop3 = \"127.0.0.1:0\"\npop3s = \"127.0.0.1:0\"\nlogin_delay = \"10ms\"\nlogin_delay_max = \"50ms\"\n\n[spool]\nsmtp = \"127.0.0.1:0\"\nreinject = \"127.0.0.1:0\"\ngreet_delay = \"50ms\"\nretry_min = \"100ms\"\nretry_max = \"500ms\"\n\n[[filers]]\nname = \"filer1\"\nlmtp = \"127.0.0.1:0\"\nimap = \"127.0.0.1:0\"\npop3 = \"127.0.0.1:0\"\n\n[[filers]]\nname = \"filer2\"\nlmtp = \"127.0.0.1:0\"\nimap = \"127.0.0.1:0\"\npop3 = \"127.0.0.1:0\"\n";
 
 /// The messages in `user`'s INBOX under a filer's mail root (`new/` and `cur/`), sorted.
 pub(crate) fn maildir(root: &Path, user: &str) -> Vec<String> {
@@ -139,5 +139,129 @@ pub(crate) fn wait_for_maildir(root: &Path, user: &str, n: usize) -> Vec<String>
             msgs.len()
         );
         std::thread::sleep(Duration::from_millis(20)); // polling interval, not synchronisation
+    }
+}
+
+/// One message a [`FakeMx`] accepted.
+#[derive(Debug, Clone)]
+pub(crate) struct Delivered {
+    pub(crate) from: String,
+    pub(crate) rcpts: Vec<String>,
+    pub(crate) data: String,
+}
+
+/// A remote MX on loopback for the relay to deliver to: it refuses recipients whose local part
+/// starts with `reject` (`550 5.1.1`) and records every message it accepts.
+pub(crate) struct FakeMx {
+    pub(crate) addr: std::net::SocketAddr,
+    pub(crate) got: std::sync::Arc<std::sync::Mutex<Vec<Delivered>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FakeMx {
+    pub(crate) async fn start(addr: &str) -> Self {
+        use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = got.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let record = record.clone();
+                tokio::spawn(async move {
+                    let (r, mut w) = stream.into_split();
+                    let mut r = BufReader::new(r);
+                    w.write_all(b"220 fake.mx ESMTP\r\n").await.unwrap();
+                    let (mut from, mut rcpts) = (String::new(), Vec::new());
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let upper = line.to_ascii_uppercase();
+                        let reply: &[u8] = if upper.starts_with("EHLO") {
+                            b"250-fake.mx\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 100000000\r\n"
+                        } else if upper.starts_with("MAIL FROM:") {
+                            from = line[10..]
+                                .split('>')
+                                .next()
+                                .unwrap()
+                                .trim_start_matches('<')
+                                .to_owned();
+                            rcpts.clear();
+                            b"250 2.1.0 ok\r\n"
+                        } else if upper.starts_with("RCPT TO:") {
+                            let rcpt = line[8..]
+                                .split('>')
+                                .next()
+                                .unwrap()
+                                .trim_start_matches('<')
+                                .to_owned();
+                            if rcpt.starts_with("reject") {
+                                b"550 5.1.1 no such user\r\n"
+                            } else {
+                                rcpts.push(rcpt);
+                                b"250 2.1.5 ok\r\n"
+                            }
+                        } else if upper.starts_with("DATA") {
+                            w.write_all(b"354 go\r\n").await.unwrap();
+                            let mut data = String::new();
+                            loop {
+                                let mut l = String::new();
+                                if r.read_line(&mut l).await.unwrap_or(0) == 0 {
+                                    return;
+                                }
+                                if l == ".\r\n" {
+                                    break;
+                                }
+                                data.push_str(l.strip_prefix('.').unwrap_or(&l));
+                            }
+                            record.lock().unwrap().push(Delivered {
+                                from: from.clone(),
+                                rcpts: std::mem::take(&mut rcpts),
+                                data,
+                            });
+                            b"250 2.0.0 accepted\r\n"
+                        } else if upper.starts_with("QUIT") {
+                            let _ = w.write_all(b"221 bye\r\n").await;
+                            return;
+                        } else if upper.starts_with("RSET") || upper.starts_with("NOOP") {
+                            b"250 ok\r\n"
+                        } else {
+                            b"502 5.5.1 not here\r\n"
+                        };
+                        w.write_all(reply).await.unwrap();
+                    }
+                });
+            }
+        });
+        Self { addr, got, task }
+    }
+
+    /// Waits (with a deadline) until `n` messages arrived, and returns them.
+    pub(crate) async fn wait_for(&self, n: usize) -> Vec<Delivered> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let got = self.got.lock().unwrap().clone();
+            if got.len() >= n {
+                assert_eq!(got.len(), n, "more messages than expected: {got:#?}");
+                return got;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "expected {n} message(s) at the fake MX, got {got:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await; // polling interval, not synchronisation
+        }
+    }
+}
+
+impl Drop for FakeMx {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }

@@ -189,11 +189,12 @@ impl Session {
         ip: std::net::IpAddr,
     ) -> (State, Reply, Flow) {
         let claimed = exchange.claimed_user().map(str::to_owned);
-        let delay = self
-            .relay
-            .throttle
-            .failed(ip, claimed.as_deref());
-        tracing::info!(user = claimed.as_deref().unwrap_or(""), ?delay, "authentication failed");
+        let delay = self.relay.throttle.failed(ip, claimed.as_deref());
+        tracing::info!(
+            user = claimed.as_deref().unwrap_or(""),
+            ?delay,
+            "authentication failed"
+        );
         tokio::time::sleep(delay).await;
         self.auth_failures += 1;
         if self.auth_failures >= self.relay.settings.max_auth_failures {

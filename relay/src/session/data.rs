@@ -177,11 +177,7 @@ impl Session {
             Ok(true) => {}
             Ok(false) => {
                 tracing::warn!(user, from, "from header is not the user's");
-                return Reply::perm(
-                    553,
-                    "5.7.1",
-                    format!("From address <{from}> is not yours"),
-                );
+                return Reply::perm(553, "5.7.1", format!("From address <{from}> is not yours"));
             }
             Err(e) => return super::envelope::lookup_failed(&e),
         }
@@ -314,7 +310,10 @@ mod tests {
             ("From: alice@x.test", one("alice@x.test")),
             ("From: Alice Smith <alice@x.test>", one("alice@x.test")),
             ("From: \"alice@x.test\" <alice@x.test>", one("alice@x.test")),
-            ("Subject: hi", FromHeader::Refused("the message has no From header")),
+            (
+                "Subject: hi",
+                FromHeader::Refused("the message has no From header"),
+            ),
             (
                 "From: alice@x.test\r\nFrom: bob@x.test",
                 FromHeader::Refused("the message has more than one From header"),

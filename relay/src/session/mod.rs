@@ -180,7 +180,10 @@ impl Session {
             Request::Auth {
                 mechanism,
                 initial_response,
-            } => self.handle_auth(conn, state, mechanism, initial_response).await,
+            } => {
+                self.handle_auth(conn, state, mechanism, initial_response)
+                    .await
+            }
             Request::Mail { from } => self.handle_mail(state, from).await,
             Request::Rcpt { to } => self.handle_rcpt(state, to).await,
             Request::Data => self.handle_data(conn, state).await,
