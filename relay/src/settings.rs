@@ -21,7 +21,8 @@ pub struct FileConfig {
     /// The submission listener with implicit TLS (port 465 in production, RFC 8314; empty
     /// disables it). Default: `127.0.0.1:2465`.
     pub submissions: String,
-    /// Allow AUTH without TLS from loopback clients (development only). Default: false.
+    /// Allow AUTH without TLS from loopback clients; only with `platform.dev_mode`, so a
+    /// mail client on the developer's machine works without a certificate. Default: true.
     pub plaintext_on_loopback: bool,
     /// The queue directory. Empty: `<data_dir>/relay`.
     pub queue_dir: String,
@@ -86,7 +87,7 @@ impl Default for FileConfig {
             enabled: true,
             submission: "127.0.0.1:2587".into(),
             submissions: "127.0.0.1:2465".into(),
-            plaintext_on_loopback: false,
+            plaintext_on_loopback: true,
             queue_dir: String::new(),
             dkim_dir: String::new(),
             max_message_size: "25MiB".into(),
@@ -153,7 +154,7 @@ pub struct Settings {
     pub submission: Option<SocketAddr>,
     /// Implicit-TLS submission listen address.
     pub submissions: Option<SocketAddr>,
-    /// AUTH without TLS from loopback.
+    /// AUTH without TLS from loopback clients (only true when `platform.dev_mode` is on too).
     pub plaintext_on_loopback: bool,
     /// The queue directory.
     pub queue_dir: PathBuf,
@@ -267,7 +268,7 @@ impl Settings {
         Self {
             submission: problems.listen(&k("submission"), &file.submission),
             submissions: problems.listen(&k("submissions"), &file.submissions),
-            plaintext_on_loopback: file.plaintext_on_loopback,
+            plaintext_on_loopback: file.plaintext_on_loopback && shared.dev_mode,
             queue_dir: dir(&file.queue_dir, "relay"),
             dkim_dir: dir(&file.dkim_dir, "dkim"),
             max_message_size: problems.size(&k("max_message_size"), &file.max_message_size),

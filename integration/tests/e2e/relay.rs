@@ -190,7 +190,7 @@ async fn the_submission_policy_is_enforced() {
     config(
         d,
         mx.addr,
-        "messages_per_hour = 2\nmax_recipients = 2\nmax_errors = 30\n",
+        "messages_per_hour = 2\nmax_recipients = 2\nmax_errors = 30\nplaintext_on_loopback = false\n",
     );
     let up = Up::start(d, "mail.toml");
     let port = up.addr("relay", "submission").port();
