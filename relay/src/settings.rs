@@ -326,7 +326,8 @@ impl Settings {
         }
     }
 
-    /// The route that overrides DNS for `domain`: its own, else `*`.
+    /// The configured route for `domain`: its own, else `*` (the transport puts hosted
+    /// domains between the two).
     pub fn route_for(&self, domain: &str) -> Option<&Route> {
         self.routes.get(domain).or_else(|| self.routes.get("*"))
     }

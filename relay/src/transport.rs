@@ -4,10 +4,11 @@
 //! one result per recipient (a remote `550` for one does not stop the others). Where a domain
 //! goes, in order:
 //!
-//! 1. a route in `relay.routes` for the domain, else the `*` route (a smarthost);
+//! 1. a route in `relay.routes` for the domain;
 //! 2. a hosted domain: `relay.hosted_route`, a spool's MX listener (the spool checks the
 //!    recipient and filters like any incoming mail);
-//! 3. its MX records in preference order (RFC 5321 §5.1); with none, the domain's own
+//! 3. the `*` route (a smarthost), for every other domain;
+//! 4. its MX records in preference order (RFC 5321 §5.1); with none, the domain's own
 //!    A/AAAA (the implicit MX); a null MX (RFC 7505) fails at once.
 //!
 //! Each host's addresses are tried in turn: a connection that fails or a temporary refusal
@@ -69,7 +70,7 @@ impl Outbound {
 
     /// Where `domain`'s mail goes now, or the outcome for all of its recipients.
     async fn hops(&self, domain: &str) -> Result<Vec<Hop>, Outcome> {
-        if let Some(route) = self.settings.route_for(domain) {
+        if let Some(route) = self.settings.routes.get(domain) {
             return self.route_hops(route, true).await;
         }
         match self.directory.is_hosted_domain(domain).await {
@@ -83,6 +84,9 @@ impl Outbound {
             }
             Ok(false) => {}
             Err(e) => return Err(Outcome::held(format!("location lookup failed: {e}"))),
+        }
+        if let Some(route) = self.settings.routes.get("*") {
+            return self.route_hops(route, true).await;
         }
         let exchanges = match self.dns.mx(domain).await {
             Ok(mx) => {
@@ -314,5 +318,112 @@ impl Transport for Outbound {
             .into_iter()
             .map(|o| o.unwrap_or_else(|| Outcome::retry("not attempted".into())))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use common::config::Shared;
+    use common::dns::Static;
+    use common::location::Sqlite;
+
+    use super::*;
+
+    async fn outbound(dns: Static, settings: impl FnOnce(&mut Settings)) -> Outbound {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Sqlite::open(&dir.path().join("location.db")).unwrap();
+        db.add_domain("hosted.test").await.unwrap();
+        let mut s = Settings::for_tests(&Shared::for_tests(dir.path()));
+        s.hosted_route = Some(Route {
+            host: "127.0.0.1".into(),
+            port: 2525,
+        });
+        settings(&mut s);
+        Outbound::new(Arc::new(s), Arc::new(db), Arc::new(dns), None)
+    }
+
+    fn addrs(hops: &[Hop]) -> Vec<String> {
+        hops.iter().map(|h| h.addr.to_string()).collect()
+    }
+
+    #[tokio::test]
+    async fn routes_hosted_domains_then_mx_in_preference_order() {
+        let dns = Static::new();
+        dns.add_mx("remote.test", 20, "mx2.remote.test")
+            .add_mx("remote.test", 10, "mx1.remote.test")
+            .add_ip("mx1.remote.test", "192.0.2.1".parse().unwrap())
+            .add_ip("mx1.remote.test", "2001:db8::1".parse().unwrap())
+            .add_ip("mx2.remote.test", "192.0.2.2".parse().unwrap())
+            .add_ip("nomx.test", "192.0.2.9".parse().unwrap())
+            .add_mx("null.test", 0, ".")
+            .add_mx("evil.test", 10, "mx.evil.test")
+            .add_ip("mx.evil.test", "127.0.0.1".parse().unwrap())
+            .fail("broken.test");
+        let o = outbound(dns, |s| {
+            s.routes.insert(
+                "routed.test".into(),
+                Route {
+                    host: "127.0.0.1".into(),
+                    port: 2600,
+                },
+            );
+        })
+        .await;
+        assert_eq!(
+            addrs(&o.hops("remote.test").await.unwrap()),
+            ["192.0.2.1:25", "[2001:db8::1]:25", "192.0.2.2:25"]
+        );
+        assert_eq!(
+            addrs(&o.hops("hosted.test").await.unwrap()),
+            ["127.0.0.1:2525"]
+        );
+        assert_eq!(
+            addrs(&o.hops("routed.test").await.unwrap()),
+            ["127.0.0.1:2600"],
+            "a configured route may be loopback"
+        );
+        assert_eq!(
+            addrs(&o.hops("nomx.test").await.unwrap()),
+            ["192.0.2.9:25"],
+            "no MX: the implicit MX"
+        );
+        let failed = |r: Result<Vec<Hop>, Outcome>| match r {
+            Err(Outcome::Failed(text)) => text,
+            other => panic!("expected a failure, got {:?}", other.map(|h| addrs(&h))),
+        };
+        let retried = |r: Result<Vec<Hop>, Outcome>| match r {
+            Err(Outcome::Deferred { reason, .. }) => reason,
+            other => panic!("expected a deferral, got {:?}", other.map(|h| addrs(&h))),
+        };
+        assert!(failed(o.hops("null.test").await).starts_with("556 5.1.10"));
+        assert!(failed(o.hops("nowhere.test").await).starts_with("550 5.1.2"));
+        assert!(retried(o.hops("broken.test").await).contains("temporary"));
+        assert!(
+            retried(o.hops("evil.test").await).contains("loopback"),
+            "DNS may not aim the relay at this host"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_smarthost_takes_every_other_domain() {
+        let o = outbound(Static::new(), |s| {
+            s.routes.insert(
+                "*".into(),
+                Route {
+                    host: "192.0.2.50".into(),
+                    port: 587,
+                },
+            );
+        })
+        .await;
+        assert_eq!(
+            addrs(&o.hops("anything.test").await.unwrap()),
+            ["192.0.2.50:587"]
+        );
+        assert_eq!(
+            addrs(&o.hops("hosted.test").await.unwrap()),
+            ["127.0.0.1:2525"],
+            "hosted domains stay with the platform"
+        );
     }
 }
