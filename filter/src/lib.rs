@@ -2,6 +2,9 @@
 //!
 //! Not built yet (TODO(#8)): only the entry point exists, so the platform can be assembled.
 
+pub mod auth;
+pub mod classifier;
+
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
