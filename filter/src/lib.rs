@@ -1,39 +1,117 @@
-//! The filter service: the stateless anti-spam/content filter chain between spool and filers.
+//! The filter: the anti-spam/content filter chain between the spool's queue and the filers,
+//! like Postfix's after-queue content filter.
 //!
-//! Not built yet (TODO(#8)): only the entry point exists, so the platform can be assembled.
+//! - **In:** SMTP from spools (`trust.spool_networks` only) with XFORWARD, so the checks see
+//!   the original client's address and HELO.
+//! - **Checks** ([`scan`]), in the configured order, each adding scored reasons: allow/block
+//!   lists, header sanity, SPF/DKIM/DMARC ([`auth`]), DNSBL, content rules, the statistical
+//!   classifier ([`classifier`]), and the scan limits. The total decides: pass, tag
+//!   (`X-Spam-Flag: YES`; the filer files it into Junk) or quarantine (rerouted to the
+//!   quarantine mailbox). `Authentication-Results` is always added; `X-Spam-*` headers from
+//!   the internet are removed.
+//! - **Out:** the message goes back to a spool's reinjection listener; the filter answers the
+//!   first spool only after that reinjection answered `250`, so it never holds mail alone:
+//!   any failure on the way is a `451` and the spool retries.
+//! - **State:** none that could lose mail; the classifier's model is read at start.
 
 pub mod auth;
 pub mod classifier;
+mod scan;
+mod session;
+mod settings;
 
+use std::sync::Arc;
+
+use common::dns::Resolver;
+use common::net::{AcceptOptions, accept_loop};
+use common::smtp::server::Connection;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// This service's validated settings.
-#[derive(Debug, Clone, Default)]
-pub struct Settings {}
+pub use scan::{Action, Verdict};
+pub use settings::{CHECKS, FileConfig, ListFile, RuleFile, Settings};
 
-/// The already-bound listeners of this service.
+/// The already-bound listeners of the filter.
 #[derive(Debug, Default)]
 pub struct Listeners {
-    /// The listeners.
-    pub listeners: Vec<TcpListener>,
+    /// The listener for spools.
+    pub smtp: Option<TcpListener>,
 }
 
-/// Why the service stopped serving.
+/// Why the filter stopped serving.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     /// A listener failed for good.
     #[error("accept failed: {0}")]
     Accept(#[source] std::io::Error),
+    /// The SPF/DKIM/DMARC resolver could not be set up.
+    #[error("auth: {0}")]
+    Auth(String),
 }
 
-/// Serves until `shutdown` is cancelled.
+/// What every session shares.
+pub(crate) struct Filter {
+    pub(crate) settings: Arc<Settings>,
+    pub(crate) dns: Arc<dyn Resolver>,
+    pub(crate) auth: auth::Authenticator,
+    pub(crate) model: Option<classifier::Model>,
+}
+
+/// Serves until `shutdown` is cancelled. `dns` answers DNSBL lookups.
 pub async fn serve(
-    settings: std::sync::Arc<Settings>,
+    settings: Arc<Settings>,
+    dns: Arc<dyn Resolver>,
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    let _ = (settings, listeners);
-    shutdown.cancelled().await;
-    Ok(())
+    let auth = if settings.network_checks {
+        auth::Authenticator::system().map_err(|e| ServeError::Auth(e.to_string()))?
+    } else {
+        auth::Authenticator::offline()
+    };
+    let path = settings.model.clone();
+    let model = tokio::task::spawn_blocking(move || {
+        if !path.exists() {
+            tracing::info!(path = %path.display(), "no classifier model; train one with `mailctl filter train`");
+            return None;
+        }
+        match classifier::Model::load(&path) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "classifier model not loaded");
+                None
+            }
+        }
+    })
+    .await
+    .ok()
+    .flatten();
+    let filter = Arc::new(Filter {
+        settings: settings.clone(),
+        dns,
+        auth,
+        model,
+    });
+    let Some(listener) = listeners.smtp else {
+        shutdown.cancelled().await;
+        return Ok(());
+    };
+    let opts = AcceptOptions {
+        protocol: "filter",
+        max_connections: 200,
+        busy_reply: b"421 4.3.2 too many connections, try again later\r\n",
+        trusted: Some(settings.shared.spool_networks.clone()),
+        untrusted_reply: b"554 5.7.1 the filter is not available to you\r\n",
+        shutdown_grace: settings.shared.shutdown_grace,
+    };
+    let token = shutdown.clone();
+    accept_loop(listener, opts, shutdown, move |stream, peer, id| {
+        let (filter, token) = (filter.clone(), token.clone());
+        async move {
+            let conn = Connection::new(Box::new(stream), peer, session::limits(&filter.settings));
+            session::run(filter, conn, id, token).await;
+        }
+    })
+    .await
+    .map_err(ServeError::Accept)
 }

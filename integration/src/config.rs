@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 /// The whole TOML file. Every field has a default; with no file at all this is the all-in-one
 /// platform on loopback with its data in `./data`.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct PlatformFile {
     /// `[platform]`.
@@ -34,6 +34,9 @@ pub struct PlatformFile {
     /// `[relay]`: authenticated submission and outbound delivery. Default: enabled, STARTTLS
     /// submission on `127.0.0.1:2587`, implicit TLS on `127.0.0.1:2465`.
     pub relay: relay::FileConfig,
+    /// `[filter]`: the anti-spam filter between the spool and the filers. Default: enabled,
+    /// on `127.0.0.1:10024`.
+    pub filter: filter::FileConfig,
 }
 
 impl Default for PlatformFile {
@@ -50,6 +53,7 @@ impl Default for PlatformFile {
             spool: spool::FileConfig::default(),
             access: access::FileConfig::default(),
             relay: relay::FileConfig::default(),
+            filter: filter::FileConfig::default(),
         }
     }
 }
@@ -67,6 +71,8 @@ pub struct PlatformSettings {
     pub access: Option<Arc<access::Settings>>,
     /// The relay, unless `[relay] enabled = false`.
     pub relay: Option<Arc<relay::Settings>>,
+    /// The filter, unless `[filter] enabled = false`.
+    pub filter: Option<Arc<filter::Settings>>,
 }
 
 impl PlatformSettings {
@@ -104,11 +110,14 @@ impl PlatformSettings {
         let access = file.access.enabled.then(|| Arc::new(access));
         let relay = relay::Settings::build(&file.relay, "relay", &shared, &mut p);
         let relay = file.relay.enabled.then(|| Arc::new(relay));
+        let filter = filter::Settings::build(&file.filter, "filter", &shared, &mut p);
+        let filter = file.filter.enabled.then(|| Arc::new(filter));
         check_listen_conflicts(
             &filers,
             spool.as_deref(),
             access.as_deref(),
             relay.as_deref(),
+            filter.as_deref(),
             &mut p,
         );
         p.into_result(Self {
@@ -117,6 +126,7 @@ impl PlatformSettings {
             spool,
             access,
             relay,
+            filter,
         })
     }
 }
@@ -126,6 +136,7 @@ fn check_listen_conflicts(
     spool: Option<&spool::Settings>,
     access: Option<&access::Settings>,
     relay: Option<&relay::Settings>,
+    filter: Option<&filter::Settings>,
     p: &mut Problems,
 ) {
     let mut all = Vec::new();
@@ -146,6 +157,9 @@ fn check_listen_conflicts(
     if let Some(r) = relay {
         all.push(("relay.submission".to_owned(), r.submission));
         all.push(("relay.submissions".to_owned(), r.submissions));
+    }
+    if let Some(f) = filter {
+        all.push(("filter.listen".to_owned(), f.listen));
     }
     let mut seen: Vec<(std::net::SocketAddr, String)> = Vec::new();
     for (key, addr) in all {

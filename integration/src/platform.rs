@@ -154,15 +154,27 @@ pub async fn start(settings: PlatformSettings) -> anyhow::Result<Running> {
         spool: None,
         access: None,
         relay: None,
+        filter: None,
     };
     register_filers(&registered, directory.as_ref()).await?;
 
-    let mut spool_addrs = None;
-    if let Some(s) = &settings.spool {
-        let l = spool::Listeners {
+    // The spool and the filter point at each other: bind both before starting either.
+    let spool_bound = match &settings.spool {
+        Some(s) => Some(spool::Listeners {
             smtp: bind(s.smtp, "spool smtp").await?,
             reinject: bind(s.reinject, "spool reinject").await?,
-        };
+        }),
+        None => None,
+    };
+    let filter_bound = match &settings.filter {
+        Some(f) => Some(filter::Listeners {
+            smtp: bind(f.listen, "filter smtp").await?,
+        }),
+        None => None,
+    };
+    let filter_addr = filter_bound.as_ref().and_then(|l| local(&l.smtp));
+    let mut spool_addrs = None;
+    if let (Some(s), Some(l)) = (&settings.spool, spool_bound) {
         let addrs = (local(&l.smtp), local(&l.reinject));
         for (proto, a) in [("smtp", addrs.0), ("reinject", addrs.1)] {
             if let Some(a) = a {
@@ -174,10 +186,35 @@ pub async fn start(settings: PlatformSettings) -> anyhow::Result<Running> {
             }
         }
         spool_addrs = Some(addrs);
-        let (s, dir, token) = (s.clone(), directory.clone(), shutdown.child_token());
+        let mut s = (**s).clone();
+        // New mail goes to the filter started here, unless configured otherwise.
+        if s.filter == spool::FilterRoute::Local {
+            s.filter = filter_addr.map_or(spool::FilterRoute::None, spool::FilterRoute::At);
+        }
+        let (s, dir, token) = (Arc::new(s), directory.clone(), shutdown.child_token());
         tasks.spawn(async move {
             let r = spool::serve(s, dir, l, token).await;
             ("spool".to_owned(), r.map_err(anyhow::Error::from))
+        });
+    }
+    if let (Some(f), Some(l)) = (&settings.filter, filter_bound) {
+        if let Some(a) = filter_addr {
+            listeners.push(Listener {
+                service: "filter".into(),
+                protocol: "smtp".into(),
+                address: a.to_string(),
+            });
+        }
+        let mut f = (**f).clone();
+        // Filtered mail goes back to the spool started here, unless configured otherwise.
+        if f.reinject.is_none() {
+            f.reinject = spool_addrs.and_then(|(_, reinject)| reinject);
+        }
+        let (f, token) = (Arc::new(f), shutdown.child_token());
+        let dns = common::dns::system_or_unavailable();
+        tasks.spawn(async move {
+            let r = filter::serve(f, dns, l, token).await;
+            ("filter".to_owned(), r.map_err(anyhow::Error::from))
         });
     }
 

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use common::location::{Directory, FilerState, MailboxState, domain_of};
 use common::queue::runner::{Outcome, Transport};
-use common::queue::{Deferral, Envelope};
+use common::queue::{Deferral, Envelope, Origin};
 use common::smtp::Reply;
 use common::smtp::client::{Client, ClientSettings, HopError, Protocol};
 use tokio::sync::Semaphore;
@@ -40,6 +40,11 @@ impl Transport for Filers {
         recipients: &[String],
         message: Arc<[u8]>,
     ) -> Vec<Outcome> {
+        if envelope.origin == Origin::Smtp
+            && let Some(filter) = self.settings.filter.address()
+        {
+            return to_filter(&self.settings, filter, envelope, recipients, &message).await;
+        }
         deliver(
             &self.settings,
             self.directory.as_ref(),
@@ -222,6 +227,69 @@ async fn send(
     };
     client.quit().await;
     outcomes
+}
+
+/// Hands a new message to the content filter over SMTP, with XFORWARD so it judges the real
+/// client. The filter answers only after the filtered message was reinjected (and is queued
+/// again here as a new entry), so its `250` settles these recipients. The filter is part of
+/// the platform: when it cannot be reached, or answers 4xx, the recipients are held (retried,
+/// never expired); a 5xx bounces.
+async fn to_filter(
+    settings: &Settings,
+    filter: SocketAddr,
+    envelope: &Envelope,
+    recipients: &[String],
+    message: &[u8],
+) -> Vec<Outcome> {
+    let mut cs = ClientSettings::new(settings.shared.hostname.clone(), Protocol::Smtp);
+    cs.connect_timeout = settings
+        .lmtp_timeout
+        .min(std::time::Duration::from_secs(30));
+    cs.command_timeout = settings.lmtp_timeout;
+    cs.data_timeout = settings.lmtp_timeout;
+    let mut client = match Client::connect(filter, &cs).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(%filter, error = %e, "filter unreachable");
+            return vec![held(format!("filter unreachable: {e}")); recipients.len()];
+        }
+    };
+    let ident = envelope.id.to_string();
+    let attrs = [
+        ("ADDR", envelope.client_ip.as_str()),
+        ("HELO", envelope.helo.as_str()),
+        ("PROTO", "ESMTP"),
+        ("SOURCE", "REMOTE"),
+        ("IDENT", ident.as_str()),
+    ];
+    let result = match client.xforward(&attrs).await {
+        Ok(_) => {
+            client
+                .send(&envelope.reverse_path, recipients, message)
+                .await
+        }
+        Err(e) => Err(e),
+    };
+    client.quit().await;
+    match result {
+        Ok(replies) => replies
+            .iter()
+            .map(|r| match classify(r) {
+                Outcome::Delivered(t) => Outcome::Delivered(format!("filtered: {t}")),
+                Outcome::Failed(t) => Outcome::Failed(t),
+                // The filter's own troubles: hold, never expire.
+                Outcome::Deferred { reason, .. } | Outcome::Stale(reason) => held(reason),
+            })
+            .collect(),
+        Err(e) if e.is_permanent() => {
+            let text = e.reply().map_or_else(|| e.to_string(), Reply::to_string);
+            vec![Outcome::Failed(text); recipients.len()]
+        }
+        Err(e) => {
+            tracing::warn!(%filter, error = %e, "filter hand-off failed");
+            vec![held(format!("filter: {e}")); recipients.len()]
+        }
+    }
 }
 
 /// What one LMTP reply means for its recipient. Temporary vs permanent follows the reply

@@ -8,7 +8,9 @@
 //! - **Queue:** [`common::queue`], in `spool.queue_dir`; re-read at start after a crash.
 //! - **Out:** the queue runner ([`common::queue::runner`]) groups each message's recipients by filer and delivers over
 //!   LMTP, one reply per recipient; 4xx and unreachable filers retry with backoff, 5xx bounce
-//!   (RFC 3464) to a non-null sender. TODO(#7): hand new mail to the filter first.
+//!   (RFC 3464) to a non-null sender. New mail from the MX listener goes to the filter first
+//!   when one is configured (with XFORWARD, so the filter sees the real client); it is then
+//!   settled for the spool, and comes back on the reinjection listener as a new entry.
 //! - **Trusts:** nothing from the MX listener; the reinjection listener trusts its peers'
 //!   envelopes (they are the filter).
 //!
@@ -29,7 +31,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-pub use settings::{FileConfig, Settings};
+pub use settings::{FileConfig, FilterRoute, Settings};
 
 /// The already-bound listeners of the spool.
 #[derive(Debug, Default)]

@@ -56,8 +56,10 @@ pub struct FileConfig {
     pub filer_concurrency: usize,
     /// Time allowed for each LMTP command and reply. Default: `"5m"`.
     pub lmtp_timeout: String,
-    /// The content filter (`address:port`) new mail is handed to first. Not built yet
-    /// (TODO(#7)): must stay empty, and mail is routed to the filers directly.
+    /// The content filter (`address:port`) new mail from the MX listener is handed to first;
+    /// it comes back on the reinjection listener. Empty: the filter started by the same
+    /// `mailctl up`, if any; otherwise mail goes to the filers unfiltered. `"none"`: never
+    /// filter. Default: empty.
     pub filter: String,
     /// Offer STARTTLS on the MX listener. Default: true.
     pub starttls: bool,
@@ -87,6 +89,28 @@ impl Default for FileConfig {
             lmtp_timeout: "5m".into(),
             filter: String::new(),
             starttls: true,
+        }
+    }
+}
+
+/// Where the spool hands new mail for filtering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FilterRoute {
+    /// Not filtered: straight to the filers.
+    None,
+    /// The filter of the same `mailctl up` (resolved to [`FilterRoute::At`] when it starts;
+    /// with no filter there, like `None`).
+    Local,
+    /// A filter at this address.
+    At(SocketAddr),
+}
+
+impl FilterRoute {
+    /// The filter's address, if mail is filtered.
+    pub fn address(self) -> Option<SocketAddr> {
+        match self {
+            Self::At(a) => Some(a),
+            Self::None | Self::Local => None,
         }
     }
 }
@@ -130,6 +154,8 @@ pub struct Settings {
     pub filer_concurrency: usize,
     /// LMTP command/reply timeout.
     pub lmtp_timeout: Duration,
+    /// Where new mail is filtered.
+    pub filter: FilterRoute,
     /// Offer STARTTLS.
     pub starttls: bool,
     /// What every service shares.
@@ -160,12 +186,17 @@ impl Settings {
         if file.max_errors == 0 {
             problems.push(k("max_errors"), "must be greater than zero");
         }
-        if !file.filter.trim().is_empty() {
-            problems.push(
-                k("filter"),
-                "the filter hand-off is not built yet (#7); leave it empty",
-            );
-        }
+        let filter = match file.filter.trim() {
+            "" => FilterRoute::Local,
+            "none" => FilterRoute::None,
+            addr => match addr.parse::<SocketAddr>() {
+                Ok(a) => FilterRoute::At(a),
+                Err(_) => {
+                    problems.push(k("filter"), "must be address:port, \"none\" or empty");
+                    FilterRoute::None
+                }
+            },
+        };
         let retry_min = problems.duration(&k("retry_min"), &file.retry_min, true);
         let retry_max = problems.duration(&k("retry_max"), &file.retry_max, true);
         if retry_max < retry_min {
@@ -190,6 +221,7 @@ impl Settings {
             max_deliveries: file.max_deliveries,
             filer_concurrency: file.filer_concurrency,
             lmtp_timeout: problems.duration(&k("lmtp_timeout"), &file.lmtp_timeout, true),
+            filter,
             starttls: file.starttls,
             shared: shared.clone(),
         }
@@ -227,7 +259,7 @@ mod tests {
             smtp: "x".into(),
             max_recipients: 0,
             retry_min: "2h".into(),
-            filter: "127.0.0.1:10024".into(),
+            filter: "10024".into(),
             ..FileConfig::default()
         };
         let mut p = Problems::new();

@@ -473,7 +473,7 @@ async fn a_killed_filer_fails_fast_without_affecting_the_other_and_recovers() {
         d.join("a.toml"),
         "[platform]\ndata_dir = \"a\"\n[database]\ncache_ttl = \"100ms\"\n\
          [trust]\nproxy_secret = \"shared by both processes\"\n\
-         [relay]\nenabled = false\n[access]\nimap = \"127.0.0.1:0\"\nimaps = \"\"\npop3 = \"127.0.0.1:0\"\npop3s = \"\"\n\
+         [relay]\nenabled = false\n[filter]\nenabled = false\n[access]\nimap = \"127.0.0.1:0\"\nimaps = \"\"\npop3 = \"127.0.0.1:0\"\npop3s = \"\"\n\
          login_delay = \"10ms\"\nlogin_delay_max = \"50ms\"\nfiler_failure_threshold = 3\nfiler_cooldown = \"1s\"\n\
          [spool]\nsmtp = \"127.0.0.1:0\"\nreinject = \"127.0.0.1:0\"\ngreet_delay = \"0s\"\n\
          retry_min = \"100ms\"\nretry_max = \"300ms\"\n\
@@ -484,7 +484,7 @@ async fn a_killed_filer_fails_fast_without_affecting_the_other_and_recovers() {
         d.join("b.toml"),
         "[platform]\ndata_dir = \"b\"\n[database]\nurl = \"sqlite:a/location.db\"\n\
          [trust]\nproxy_secret = \"shared by both processes\"\n\
-         [spool]\nenabled = false\n[access]\nenabled = false\n[relay]\nenabled = false\n\
+         [spool]\nenabled = false\n[access]\nenabled = false\n[relay]\nenabled = false\n[filter]\nenabled = false\n\
          [[filers]]\nname = \"filer1\"\nlmtp = \"127.0.0.1:0\"\nimap = \"127.0.0.1:0\"\npop3 = \"127.0.0.1:0\"\n",
     )
     .unwrap();

@@ -3,6 +3,7 @@
 
 mod access;
 mod filer;
+mod filter;
 mod mailctl;
 mod relay;
 mod spool;
