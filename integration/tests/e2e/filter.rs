@@ -142,7 +142,11 @@ async fn quarantine_reroutes_to_the_quarantine_mailbox() {
         filtered_config("quarantine = \"quarantine@example.test\"\nquarantine_score = 100\n"),
     )
     .unwrap();
-    setup(d, "mail.toml", &["alice@example.test", "quarantine@example.test"]);
+    setup(
+        d,
+        "mail.toml",
+        &["alice@example.test", "quarantine@example.test"],
+    );
     let up = Up::start(d, "mail.toml");
     send(
         up.addr("spool", "smtp"),
