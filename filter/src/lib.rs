@@ -12,7 +12,8 @@
 //! - **Out:** the message goes back to a spool's reinjection listener; the filter answers the
 //!   first spool only after that reinjection answered `250`, so it never holds mail alone:
 //!   any failure on the way is a `451` and the spool retries.
-//! - **State:** none that could lose mail; the classifier's model is read at start.
+//! - **State:** none that could lose mail. The classifier's model is read at start and again
+//!   whenever its file changes (`mailctl filter train` replaces it atomically).
 
 pub mod auth;
 pub mod classifier;
@@ -54,7 +55,72 @@ pub(crate) struct Filter {
     pub(crate) settings: Arc<Settings>,
     pub(crate) dns: Arc<dyn Resolver>,
     pub(crate) auth: auth::Authenticator,
-    pub(crate) model: Option<classifier::Model>,
+    pub(crate) model: ModelSlot,
+}
+
+/// How often the model file is checked for a new version.
+const MODEL_CHECK: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The classifier's model, reloaded when its file changes.
+pub(crate) struct ModelSlot {
+    path: std::path::PathBuf,
+    current: std::sync::RwLock<Option<Arc<classifier::Model>>>,
+    /// The file's modification time when loaded, and when it was last looked at.
+    seen: std::sync::Mutex<(Option<std::time::SystemTime>, Option<tokio::time::Instant>)>,
+}
+
+impl ModelSlot {
+    pub(crate) fn new(path: std::path::PathBuf) -> Self {
+        Self {
+            path,
+            current: std::sync::RwLock::new(None),
+            seen: std::sync::Mutex::new((None, None)),
+        }
+    }
+
+    /// The model, if any; looks at the file at most every [`MODEL_CHECK`]. Blocking (it may
+    /// read the file): call it off the async workers.
+    pub(crate) fn get(&self) -> Option<Arc<classifier::Model>> {
+        let now = tokio::time::Instant::now();
+        let reload = {
+            let mut seen = self
+                .seen
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let due = seen.1.is_none_or(|t| now.duration_since(t) >= MODEL_CHECK);
+            if due {
+                seen.1 = Some(now);
+                let mtime = std::fs::metadata(&self.path)
+                    .and_then(|m| m.modified())
+                    .ok();
+                let changed = mtime.is_some() && mtime != seen.0;
+                if changed {
+                    seen.0 = mtime;
+                }
+                changed
+            } else {
+                false
+            }
+        };
+        if reload {
+            match classifier::Model::load(&self.path) {
+                Ok(m) => {
+                    tracing::info!(path = %self.path.display(), spam = m.spam_count(), ham = m.ham_count(), "classifier model loaded");
+                    *self
+                        .current
+                        .write()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(m));
+                }
+                Err(e) => {
+                    tracing::error!(path = %self.path.display(), error = %e, "classifier model not loaded");
+                }
+            }
+        }
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
 }
 
 /// Serves until `shutdown` is cancelled. `dns` answers DNSBL lookups.
@@ -69,23 +135,21 @@ pub async fn serve(
     } else {
         auth::Authenticator::offline()
     };
-    let path = settings.model.clone();
-    let model = tokio::task::spawn_blocking(move || {
-        if !path.exists() {
-            tracing::info!(path = %path.display(), "no classifier model; train one with `mailctl filter train`");
-            return None;
-        }
-        match classifier::Model::load(&path) {
-            Ok(m) => Some(m),
-            Err(e) => {
-                tracing::error!(path = %path.display(), error = %e, "classifier model not loaded");
-                None
-            }
-        }
+    let model = ModelSlot::new(settings.model.clone());
+    let probe = tokio::task::spawn_blocking(move || {
+        let loaded = model.get().is_some();
+        (model, loaded)
     })
-    .await
-    .ok()
-    .flatten();
+    .await;
+    let model = match probe {
+        Ok((model, loaded)) => {
+            if !loaded {
+                tracing::info!(path = %settings.model.display(), "no classifier model yet; train one with `mailctl filter train`");
+            }
+            model
+        }
+        Err(_) => ModelSlot::new(settings.model.clone()),
+    };
     let filter = Arc::new(Filter {
         settings: settings.clone(),
         dns,

@@ -270,7 +270,7 @@ impl Filter {
             }
         }
         if wants("classifier")
-            && let Some(model) = self.model.as_ref()
+            && let Some(model) = self.model.get()
         {
             let p = model.score(if limited { scanned } else { message });
             let weight = s.classifier_score;
@@ -589,6 +589,169 @@ mod tests {
         assert!(h.contains("X-Spam-Score: 7.50\r\n"));
         for line in h.split("\r\n") {
             assert!(line.len() <= 100, "{line}");
+        }
+    }
+
+    fn filter(settings: impl FnOnce(&mut Settings)) -> (Arc<Filter>, Arc<common::dns::Static>) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Settings::for_tests(&common::config::Shared::for_tests(dir.path()));
+        s.network_checks = true;
+        settings(&mut s);
+        let dns = Arc::new(common::dns::Static::new());
+        let f = Filter {
+            model: crate::ModelSlot::new(s.model.clone()),
+            settings: Arc::new(s),
+            dns: dns.clone(),
+            auth: crate::auth::Authenticator::offline(),
+        };
+        (Arc::new(f), dns)
+    }
+
+    fn names(v: &Verdict) -> Vec<&str> {
+        v.reasons.iter().map(|(n, _)| n.as_str()).collect()
+    }
+
+    #[tokio::test]
+    async fn the_chain_adds_up_dnsbl_spf_headers_and_rules() {
+        let (f, dns) = filter(|s| s.dnsbl = vec![("bl.test".into(), 3.0)]);
+        dns.add_ip("7.2.0.192.bl.test", "127.0.0.2".parse().unwrap());
+        f.auth
+            .add_txt("remote.test", "v=spf1 ip4:198.51.100.0/24 -all");
+        let env = Envelope {
+            mail_from: "x@remote.test".into(),
+            recipients: vec!["a@example.test".into()],
+            client_ip: Some("192.0.2.7".parse().unwrap()),
+            helo: "mx.remote.test".into(),
+            ident: "Q1".into(),
+        };
+        let msg: Arc<[u8]> = Arc::from(
+            &b"From: x@remote.test\r\nSubject: hi\r\nSubject: again\r\n\r\nbuy viagra now\r\n"[..],
+        );
+        let v = f.scan(&msg, &env).await;
+        let n = names(&v);
+        for want in [
+            "DNSBL_BL.TEST",
+            "SPF_FAIL",
+            "DUP_SUBJECT",
+            "MISSING_DATE",
+            "BODY_PHARMA",
+        ] {
+            assert!(n.contains(&want), "{want} in {n:?}");
+        }
+        assert!(v.score >= 5.0 && v.action == Action::Tag, "{v:?}");
+        assert!(v.auth_results.contains("spf=fail"), "{}", v.auth_results);
+
+        // The same message from an address that is not listed, with SPF passing: clean.
+        let env = Envelope {
+            client_ip: Some("198.51.100.9".parse().unwrap()),
+            ..env
+        };
+        let msg: Arc<[u8]> = Arc::from(
+            &b"From: x@remote.test\r\nDate: Fri, 27 Nov 2026 10:00:00 +0000\r\nMessage-ID: <a@b>\r\nSubject: hi\r\n\r\nhello\r\n"[..],
+        );
+        let v = f.scan(&msg, &env).await;
+        assert_eq!(v.action, Action::Pass, "{v:?}");
+        assert!(v.reasons.is_empty() || v.score < 1.0, "{v:?}");
+        assert!(v.auth_results.contains("spf=pass"), "{}", v.auth_results);
+    }
+
+    #[tokio::test]
+    async fn allow_and_block_lists_per_user_domain_and_global() {
+        let pattern = |p: &str| crate::settings::SenderPattern::parse_for_tests(p);
+        let (f, _) = filter(|s| {
+            s.global.block = vec![pattern("@spam.test")];
+            s.lists.insert(
+                "example.test".into(),
+                Lists {
+                    allow: vec![pattern("friend@spam.test")],
+                    block: vec![],
+                },
+            );
+            s.lists.insert(
+                "boss@example.test".into(),
+                Lists {
+                    allow: vec![],
+                    block: vec![pattern("@partner.test")],
+                },
+            );
+        });
+        let env = |from: &str, to: &str| Envelope {
+            mail_from: from.into(),
+            recipients: vec![to.into()],
+            ..Envelope::default()
+        };
+        let msg: Arc<[u8]> = Arc::from(&b"Subject: x\r\n\r\nhello\r\n"[..]);
+        let v = f.scan(&msg, &env("any@spam.test", "a@example.test")).await;
+        assert!(
+            names(&v).contains(&"BLOCKLISTED") && v.action == Action::Tag,
+            "{v:?}"
+        );
+        let v = f
+            .scan(&msg, &env("friend@spam.test", "a@example.test"))
+            .await;
+        assert!(
+            names(&v).contains(&"ALLOWLISTED") && v.action == Action::Pass,
+            "{v:?}"
+        );
+        let v = f
+            .scan(&msg, &env("x@partner.test", "boss@example.test"))
+            .await;
+        assert!(names(&v).contains(&"BLOCKLISTED"), "{v:?}");
+        let v = f.scan(&msg, &env("x@partner.test", "a@example.test")).await;
+        assert!(!names(&v).contains(&"BLOCKLISTED"), "{v:?}");
+    }
+
+    #[tokio::test]
+    async fn mime_bombs_are_scanned_within_bounds() {
+        let (f, _) = filter(|s| s.network_checks = false);
+        let env = Envelope::default();
+        let mut many =
+            String::from("Subject: parts\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n");
+        for i in 0..100_000 {
+            many.push_str(&format!(
+                "--b\r\nContent-Type: text/plain\r\n\r\npart {i}\r\n"
+            ));
+        }
+        many.push_str("--b--\r\n");
+        let mut nested = String::from("Subject: nested\r\n");
+        for i in 0..1000 {
+            nested.push_str(&format!(
+                "Content-Type: multipart/mixed; boundary=n{i}\r\n\r\n--n{i}\r\n"
+            ));
+        }
+        nested.push_str("Content-Type: text/plain\r\n\r\ndeep\r\n");
+        let addresses = format!(
+            "To: {}\r\nSubject: many\r\n\r\nhi\r\n",
+            (0..100_000)
+                .map(|i| format!("u{i}@x.test"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let header = format!(
+            "X-Huge: {}\r\nSubject: big\r\n\r\nhi\r\n",
+            "a".repeat(50 << 20)
+        );
+        for (what, msg) in [
+            ("parts", many),
+            ("nesting", nested),
+            ("addresses", addresses),
+            ("header", header),
+        ] {
+            let msg: Arc<[u8]> = Arc::from(msg.into_bytes());
+            let started = tokio::time::Instant::now();
+            let v = f.scan(&msg, &env).await;
+            let took = started.elapsed();
+            assert!(
+                took < std::time::Duration::from_secs(10),
+                "{what}: {took:?}"
+            );
+            if what != "addresses" {
+                assert!(
+                    names(&v).iter().any(|n| n.contains("LIMITS_EXCEEDED")),
+                    "{what}: {:?}",
+                    names(&v)
+                );
+            }
         }
     }
 }

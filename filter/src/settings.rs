@@ -45,8 +45,10 @@ pub struct FileConfig {
     /// e.g. `{ "zen.spamhaus.org" = 5.0 }`. Default: none.
     pub dnsbl: BTreeMap<String, f64>,
     /// Use DNS for SPF, DKIM, DMARC and DNSBL. Off: those checks answer from static records
-    /// only (`none`), for tests and isolated hosts. Default: true.
-    pub network_checks: bool,
+    /// only (`none`), for tests and hosts without DNS. Default: on, except in
+    /// `platform.dev_mode` (a developer's machine may have no resolver, and every message
+    /// would wait for DNS timeouts).
+    pub network_checks: Option<bool>,
     /// Content rules, in order.
     pub rules: Vec<RuleFile>,
     /// The classifier's model file (`mailctl filter train`). Empty: `<data_dir>/filter/model.json`.
@@ -116,7 +118,7 @@ impl Default for FileConfig {
             quarantine_score: 15.0,
             quarantine: String::new(),
             dnsbl: BTreeMap::new(),
-            network_checks: true,
+            network_checks: None,
             rules: default_rules(),
             model: String::new(),
             classifier_score: 6.0,
@@ -197,6 +199,12 @@ impl SenderPattern {
             None if s.contains('@') => Some(Self::Address(s)),
             None => None,
         }
+    }
+
+    /// Parses a pattern (tests build lists directly).
+    #[cfg(test)]
+    pub(crate) fn parse_for_tests(s: &str) -> Self {
+        Self::parse(s).unwrap_or(Self::Address(String::new()))
     }
 
     /// Whether `sender` (an address, any case) matches.
@@ -379,7 +387,7 @@ impl Settings {
                 .iter()
                 .map(|(z, s)| (z.trim().trim_end_matches('.').to_ascii_lowercase(), *s))
                 .collect(),
-            network_checks: file.network_checks,
+            network_checks: file.network_checks.unwrap_or(!shared.dev_mode),
             rules,
             model: if file.model.trim().is_empty() {
                 shared.data_dir.join("filter").join("model.json")
