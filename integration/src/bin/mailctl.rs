@@ -65,6 +65,9 @@ enum Command {
     /// DKIM signing keys of the relay.
     #[command(subcommand)]
     Dkim(DkimCmd),
+    /// The filter's statistical spam classifier.
+    #[command(subcommand)]
+    Filter(FilterCmd),
 }
 
 #[derive(Subcommand)]
@@ -223,6 +226,44 @@ enum DkimCmd {
 }
 
 #[derive(Subcommand)]
+enum FilterCmd {
+    /// Train a new model on raw messages (one file per message; directories are read
+    /// recursively, hidden files skipped) and write it, replacing any model at that path.
+    Train {
+        /// A directory of spam (may be given several times).
+        #[arg(long, required = true)]
+        spam: Vec<PathBuf>,
+        /// A directory of ham, wanted mail (may be given several times).
+        #[arg(long, required = true)]
+        ham: Vec<PathBuf>,
+        /// The model file. Default: <data_dir>/filter/model.json.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Score labelled messages with a model: false-positive and false-negative rates at each
+    /// threshold, and the scoring speed.
+    Eval {
+        /// A directory of spam (may be given several times).
+        #[arg(long, required = true)]
+        spam: Vec<PathBuf>,
+        /// A directory of ham (may be given several times).
+        #[arg(long, required = true)]
+        ham: Vec<PathBuf>,
+        /// The model file. Default: <data_dir>/filter/model.json.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// A message is taken as spam when it scores at least this (0 to 1; may be given
+        /// several times).
+        #[arg(long, default_value = "0.9")]
+        threshold: Vec<f64>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum ConfigCmd {
     /// Validate the configuration and report every problem with its key.
     Check,
@@ -304,6 +345,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Filer(c) => filer(&settings, c).await,
         Command::Queue(c) => tokio::task::spawn_blocking(move || queue_cmd(&settings, c)).await?,
         Command::Dkim(c) => dkim(&settings, c).await,
+        Command::Filter(c) => tokio::task::spawn_blocking(move || filter_cmd(&settings, c)).await?,
     }
 }
 
@@ -916,4 +958,204 @@ async fn dkim(settings: &PlatformSettings, cmd: DkimCmd) -> anyhow::Result<ExitC
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Where `mailctl filter` reads and writes the classifier's model by default.
+fn filter_model_path(settings: &PlatformSettings) -> PathBuf {
+    settings.shared.data_dir.join("filter").join("model.json")
+}
+
+/// `mailctl filter eval`'s figures at one threshold.
+#[derive(Serialize)]
+struct FilterEvalResult {
+    threshold: f64,
+    /// Ham scored at or above the threshold.
+    false_positives: usize,
+    /// Spam scored below the threshold.
+    false_negatives: usize,
+    fp_rate: f64,
+    fn_rate: f64,
+}
+
+fn filter_cmd(settings: &PlatformSettings, cmd: FilterCmd) -> anyhow::Result<ExitCode> {
+    use filter::classifier::Model;
+    match cmd {
+        FilterCmd::Train {
+            spam,
+            ham,
+            model,
+            json,
+        } => {
+            let path = model.unwrap_or_else(|| filter_model_path(settings));
+            let spam_files = message_files(&spam)?;
+            let ham_files = message_files(&ham)?;
+            if spam_files.is_empty() || ham_files.is_empty() {
+                bail!(
+                    "no messages to train on: {} spam, {} ham (both are needed)",
+                    spam_files.len(),
+                    ham_files.len()
+                );
+            }
+            // Files are read as training goes; the first that cannot be read stops it.
+            let failed = std::cell::RefCell::new(None);
+            let read = |f: &PathBuf| match std::fs::read(f) {
+                Ok(raw) => Some(raw),
+                Err(e) => {
+                    failed.borrow_mut().get_or_insert(
+                        anyhow::Error::new(e).context(format!("reading {}", f.display())),
+                    );
+                    None
+                }
+            };
+            let m = Model::train(
+                spam_files.iter().map_while(read),
+                ham_files.iter().map_while(read),
+            );
+            if let Some(e) = failed.into_inner() {
+                return Err(e);
+            }
+            m.save(&path)?;
+            if json {
+                let j = serde_json::json!({
+                    "spam": m.spam_count(),
+                    "ham": m.ham_count(),
+                    "tokens": m.token_count(),
+                    "model": path.display().to_string(),
+                });
+                out!("{}", serde_json::to_string_pretty(&j)?);
+            } else {
+                out!(
+                    "trained on {} spam and {} ham message(s): {} token(s)",
+                    m.spam_count(),
+                    m.ham_count(),
+                    m.token_count()
+                );
+                out!("wrote the model {}", path.display());
+            }
+        }
+        FilterCmd::Eval {
+            spam,
+            ham,
+            model,
+            threshold,
+            json,
+        } => {
+            if let Some(t) = threshold.iter().find(|t| !(0.0..=1.0).contains(*t)) {
+                bail!("--threshold {t}: not between 0 and 1");
+            }
+            let path = model.unwrap_or_else(|| filter_model_path(settings));
+            let m = Model::load(&path)
+                .context("loading the model (train one with `mailctl filter train`)")?;
+            if !m.is_trained() {
+                bail!("{}: the model is not trained", path.display());
+            }
+            // Scores of each class; only the scoring is timed, not reading the files.
+            let mut scoring = Duration::ZERO;
+            let mut scores = [Vec::new(), Vec::new()];
+            for (dirs, class) in [(&spam, 0), (&ham, 1)] {
+                for file in message_files(dirs)? {
+                    let raw = std::fs::read(&file)
+                        .with_context(|| format!("reading {}", file.display()))?;
+                    let start = tokio::time::Instant::now();
+                    let p = m.score(&raw);
+                    scoring += start.elapsed();
+                    scores[class].push(p);
+                }
+            }
+            let [spam_scores, ham_scores] = scores;
+            let n = spam_scores.len() + ham_scores.len();
+            if n == 0 {
+                bail!("no messages to score");
+            }
+            let rate = |k: usize, of: usize| if of == 0 { 0.0 } else { k as f64 / of as f64 };
+            let results: Vec<FilterEvalResult> = threshold
+                .iter()
+                .map(|&t| {
+                    let fp = ham_scores.iter().filter(|&&p| p >= t).count();
+                    let fneg = spam_scores.iter().filter(|&&p| p < t).count();
+                    FilterEvalResult {
+                        threshold: t,
+                        false_positives: fp,
+                        false_negatives: fneg,
+                        fp_rate: rate(fp, ham_scores.len()),
+                        fn_rate: rate(fneg, spam_scores.len()),
+                    }
+                })
+                .collect();
+            let seconds = scoring.as_secs_f64();
+            let per_s = if seconds > 0.0 {
+                n as f64 / seconds
+            } else {
+                0.0
+            };
+            if json {
+                let j = serde_json::json!({
+                    "model": path.display().to_string(),
+                    "spam": spam_scores.len(),
+                    "ham": ham_scores.len(),
+                    "scoring_seconds": seconds,
+                    "messages_per_s": per_s,
+                    "results": results,
+                });
+                out!("{}", serde_json::to_string_pretty(&j)?);
+            } else {
+                out!(
+                    "model {} (trained on {} spam, {} ham)",
+                    path.display(),
+                    m.spam_count(),
+                    m.ham_count()
+                );
+                out!(
+                    "scored {} spam and {} ham message(s) in {seconds:.3} s ({per_s:.0} messages/s)",
+                    spam_scores.len(),
+                    ham_scores.len()
+                );
+                for r in &results {
+                    out!(
+                        "threshold {}: false positives {}/{} ({:.2}%), false negatives {}/{} ({:.2}%)",
+                        r.threshold,
+                        r.false_positives,
+                        ham_scores.len(),
+                        r.fp_rate * 100.0,
+                        r.false_negatives,
+                        spam_scores.len(),
+                        r.fn_rate * 100.0
+                    );
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The message files under `dirs`, recursively (following symbolic links, at most 8 levels
+/// deep), hidden entries skipped, sorted by path.
+fn message_files(dirs: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    fn walk(dir: &std::path::Path, depth: usize, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
+        let entries =
+            std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
+        for entry in entries {
+            let entry = entry.with_context(|| format!("reading {}", dir.display()))?;
+            if entry.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
+            let path = entry.path();
+            let meta =
+                std::fs::metadata(&path).with_context(|| format!("reading {}", path.display()))?;
+            if meta.is_dir() {
+                if depth < 8 {
+                    walk(&path, depth + 1, out)?;
+                }
+            } else if meta.is_file() {
+                out.push(path);
+            }
+        }
+        Ok(())
+    }
+    let mut files = Vec::new();
+    for d in dirs {
+        walk(d, 0, &mut files)?;
+    }
+    files.sort();
+    Ok(files)
 }

@@ -269,3 +269,145 @@ fn dkim_generate_then_list() {
     assert_eq!(json[0]["domain"], "example.test");
     assert_eq!(json[1]["selector"], "s2026");
 }
+
+#[test]
+fn filter_train_then_eval_separates_spam_from_ham() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let spam = |i: usize| {
+        format!(
+            "From: Deals <promo{i}@cheap-pills.example>\r\nTo: you@example.test\r\n\
+             Subject: FREE pills now!!! offer {i}\r\nContent-Type: text/html\r\n\r\n\
+             <html><body><font color=red>Buy cheap viagra and rolex replicas!</font> Click \
+             <a href=\"http://pills.cheap-pills.example/buy\">here</a>: free shipping, best \
+             price guaranteed.</body></html>\r\n"
+        )
+    };
+    let ham = |i: usize| {
+        format!(
+            "From: Alice Smith <alice@example.org>\r\nTo: bob@example.test\r\n\
+             Date: Mon, 1 Jan 2024 10:00:00 +0000\r\nMessage-ID: <{i}@example.org>\r\n\
+             Subject: Re: meeting notes {i}\r\n\r\nHi Bob, the notes from the meeting about \
+             the compiler release. Could you review the patch before Thursday?\r\nAlice\r\n"
+        )
+    };
+    for (set, range) in [("train", 0..12), ("test", 100..106)] {
+        for i in range {
+            for (class, text) in [("spam", spam(i)), ("ham", ham(i))] {
+                let sub = d.join(set).join(class);
+                std::fs::create_dir_all(&sub).unwrap();
+                std::fs::write(sub.join(format!("{i}.eml")), text).unwrap();
+            }
+        }
+    }
+
+    // The default model path is <data_dir>/filter/model.json.
+    let out = ok(
+        d,
+        &[
+            "filter",
+            "train",
+            "--spam",
+            "train/spam",
+            "--ham",
+            "train/ham",
+            "--json",
+        ],
+        None,
+    );
+    let trained: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (trained["spam"].as_u64(), trained["ham"].as_u64()),
+        (Some(12), Some(12))
+    );
+    assert!(trained["tokens"].as_u64().unwrap() > 10, "{trained}");
+    assert!(d.join("data/filter/model.json").is_file(), "{out}");
+
+    let out = ok(
+        d,
+        &[
+            "filter",
+            "eval",
+            "--spam",
+            "test/spam",
+            "--ham",
+            "test/ham",
+            "--threshold",
+            "0.5",
+            "--threshold",
+            "0.9",
+            "--json",
+        ],
+        None,
+    );
+    let eval: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (eval["spam"].as_u64(), eval["ham"].as_u64()),
+        (Some(6), Some(6))
+    );
+    assert!(eval["messages_per_s"].as_f64().unwrap() > 0.0, "{eval}");
+    for r in eval["results"].as_array().unwrap() {
+        assert_eq!(r["false_positives"], 0, "{eval}");
+        assert_eq!(r["false_negatives"], 0, "{eval}");
+    }
+
+    // An explicit model path, and the plain-text report.
+    ok(
+        d,
+        &[
+            "filter",
+            "train",
+            "--spam",
+            "train/spam",
+            "--ham",
+            "train/ham",
+            "--ham",
+            "test/ham",
+            "--model",
+            "m.json",
+        ],
+        None,
+    );
+    let out = ok(
+        d,
+        &[
+            "filter",
+            "eval",
+            "--spam",
+            "test/spam",
+            "--ham",
+            "test/ham",
+            "--model",
+            "m.json",
+        ],
+        None,
+    );
+    assert!(
+        out.contains("scored 6 spam and 6 ham")
+            && out.contains("threshold 0.9: false positives 0/6 (0.00%), false negatives 0/6"),
+        "{out}"
+    );
+
+    std::fs::create_dir_all(d.join("empty")).unwrap();
+    fails(
+        d,
+        &["filter", "train", "--spam", "train/spam", "--ham", "empty"],
+        None,
+        "0 ham",
+    );
+    fails(
+        d,
+        &[
+            "filter",
+            "eval",
+            "--spam",
+            "test/spam",
+            "--ham",
+            "test/ham",
+            "--model",
+            "nope.json",
+        ],
+        None,
+        "nope.json",
+    );
+}
