@@ -173,6 +173,15 @@ pub async fn start(settings: PlatformSettings) -> anyhow::Result<Running> {
         None => None,
     };
     let filter_addr = filter_bound.as_ref().and_then(|l| local(&l.smtp));
+    let relay_bound = match &settings.relay {
+        Some(r) => Some(relay::Listeners {
+            submission: bind(r.submission, "relay submission").await?,
+            submissions: bind(r.submissions, "relay submissions").await?,
+            internal: bind(r.internal, "relay internal").await?,
+        }),
+        None => None,
+    };
+    let relay_internal = relay_bound.as_ref().and_then(|l| local(&l.internal));
     let mut spool_addrs = None;
     if let (Some(s), Some(l)) = (&settings.spool, spool_bound) {
         let addrs = (local(&l.smtp), local(&l.reinject));
@@ -188,8 +197,12 @@ pub async fn start(settings: PlatformSettings) -> anyhow::Result<Running> {
         spool_addrs = Some(addrs);
         let mut s = (**s).clone();
         // New mail goes to the filter started here, unless configured otherwise.
-        if s.filter == spool::FilterRoute::Local {
-            s.filter = filter_addr.map_or(spool::FilterRoute::None, spool::FilterRoute::At);
+        if s.filter == spool::PeerRoute::Local {
+            s.filter = filter_addr.map_or(spool::PeerRoute::None, spool::PeerRoute::At);
+        }
+        // Mail for other domains goes to the relay started here, unless configured.
+        if s.relay == spool::PeerRoute::Local {
+            s.relay = relay_internal.map_or(spool::PeerRoute::None, spool::PeerRoute::At);
         }
         let (s, dir, token) = (Arc::new(s), directory.clone(), shutdown.child_token());
         tasks.spawn(async move {
@@ -219,13 +232,13 @@ pub async fn start(settings: PlatformSettings) -> anyhow::Result<Running> {
     }
 
     let mut relay_addrs = None;
-    if let Some(s) = &settings.relay {
-        let l = relay::Listeners {
-            submission: bind(s.submission, "relay submission").await?,
-            submissions: bind(s.submissions, "relay submissions").await?,
-        };
+    if let (Some(s), Some(l)) = (&settings.relay, relay_bound) {
         let addrs = (local(&l.submission), local(&l.submissions));
-        for (proto, a) in [("submission", addrs.0), ("submissions", addrs.1)] {
+        for (proto, a) in [
+            ("submission", addrs.0),
+            ("submissions", addrs.1),
+            ("internal", relay_internal),
+        ] {
             if let Some(a) = a {
                 listeners.push(Listener {
                     service: "relay".into(),

@@ -13,7 +13,10 @@
 //!   `250`.
 //! - **Out:** [`transport`] (through the shared runner): routes, hosted domains to a spool,
 //!   MX lookup; one result per recipient, retries with backoff, DSN bounces to the sender.
-//! - **Trusts:** nobody before AUTH.
+//! - **Internal:** the spools hand mail for other domains (bounces to remote senders,
+//!   forwarding aliases) to the internal listener, `trust.spool_networks` only, without AUTH
+//!   and without the sender checks.
+//! - **Trusts:** nobody before AUTH, except the spools on the internal listener.
 
 pub mod dkim;
 mod limits;
@@ -45,6 +48,19 @@ pub struct Listeners {
     pub submission: Option<TcpListener>,
     /// Submission with implicit TLS (465).
     pub submissions: Option<TcpListener>,
+    /// Mail for other domains from the spools (trusted networks, no AUTH).
+    pub internal: Option<TcpListener>,
+}
+
+/// Which listener a session came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// Submission, STARTTLS.
+    Submission,
+    /// Submission, implicit TLS.
+    Submissions,
+    /// From a spool.
+    Internal,
 }
 
 /// Why the relay stopped serving.
@@ -161,14 +177,13 @@ pub async fn serve(
             Ok(())
         });
     }
-    for (listener, implicit_tls) in [(listeners.submission, false), (listeners.submissions, true)] {
+    for (listener, kind) in [
+        (listeners.submission, Kind::Submission),
+        (listeners.submissions, Kind::Submissions),
+        (listeners.internal, Kind::Internal),
+    ] {
         if let Some(l) = listener {
-            tasks.spawn(serve_listener(
-                relay.clone(),
-                l,
-                implicit_tls,
-                shutdown.clone(),
-            ));
+            tasks.spawn(serve_listener(relay.clone(), l, kind, shutdown.clone()));
         }
     }
     while let Some(r) = tasks.join_next().await {
@@ -184,23 +199,25 @@ pub async fn serve(
     Ok(())
 }
 
-/// Accepts submission connections; on the implicit-TLS listener the handshake comes first.
+/// Accepts connections; on the implicit-TLS listener the handshake comes first, the internal
+/// one takes only trusted networks.
 async fn serve_listener(
     relay: Arc<Relay>,
     listener: TcpListener,
-    implicit_tls: bool,
+    kind: Kind,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    let implicit_tls = kind == Kind::Submissions;
     let opts = AcceptOptions {
-        protocol: if implicit_tls {
-            "submissions"
-        } else {
-            "submission"
+        protocol: match kind {
+            Kind::Submission => "submission",
+            Kind::Submissions => "submissions",
+            Kind::Internal => "relay-internal",
         },
         max_connections: relay.settings.max_connections,
         busy_reply: b"421 4.3.2 too many connections, try again later\r\n",
-        trusted: None,
-        untrusted_reply: b"",
+        trusted: (kind == Kind::Internal).then(|| relay.settings.shared.spool_networks.clone()),
+        untrusted_reply: b"554 5.7.1 this listener is for the platform's spools only\r\n",
         shutdown_grace: relay.settings.shared.shutdown_grace,
     };
     let token = shutdown.clone();
@@ -227,7 +244,7 @@ async fn serve_listener(
             } else {
                 Connection::new(Box::new(stream), peer, limits)
             };
-            session::run(relay, conn, id, token).await;
+            session::run(relay, conn, id, kind, token).await;
         }
     })
     .await

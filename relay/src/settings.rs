@@ -21,6 +21,10 @@ pub struct FileConfig {
     /// The submission listener with implicit TLS (port 465 in production, RFC 8314; empty
     /// disables it). Default: `127.0.0.1:2465`.
     pub submissions: String,
+    /// The internal listener: mail for other domains from the spools (bounces, forwarding
+    /// aliases), `trust.spool_networks` only, no AUTH (empty disables it). Default:
+    /// `127.0.0.1:10587`.
+    pub internal: String,
     /// Allow AUTH without TLS from loopback clients; only with `platform.dev_mode`, so a
     /// mail client on the developer's machine works without a certificate. Default: true.
     pub plaintext_on_loopback: bool,
@@ -87,6 +91,7 @@ impl Default for FileConfig {
             enabled: true,
             submission: "127.0.0.1:2587".into(),
             submissions: "127.0.0.1:2465".into(),
+            internal: "127.0.0.1:10587".into(),
             plaintext_on_loopback: true,
             queue_dir: String::new(),
             dkim_dir: String::new(),
@@ -154,6 +159,8 @@ pub struct Settings {
     pub submission: Option<SocketAddr>,
     /// Implicit-TLS submission listen address.
     pub submissions: Option<SocketAddr>,
+    /// Internal listen address (from the spools).
+    pub internal: Option<SocketAddr>,
     /// AUTH without TLS from loopback clients (only true when `platform.dev_mode` is on too).
     pub plaintext_on_loopback: bool,
     /// The queue directory.
@@ -268,6 +275,7 @@ impl Settings {
         Self {
             submission: problems.listen(&k("submission"), &file.submission),
             submissions: problems.listen(&k("submissions"), &file.submissions),
+            internal: problems.listen(&k("internal"), &file.internal),
             plaintext_on_loopback: file.plaintext_on_loopback && shared.dev_mode,
             queue_dir: dir(&file.queue_dir, "relay"),
             dkim_dir: dir(&file.dkim_dir, "dkim"),
@@ -313,6 +321,7 @@ impl Settings {
         Self {
             submission: port0,
             submissions: port0,
+            internal: port0,
             retry_min: Duration::from_millis(100),
             retry_max: Duration::from_secs(1),
             smtp_timeout: Duration::from_secs(10),

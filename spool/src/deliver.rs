@@ -58,9 +58,11 @@ impl Transport for Filers {
 }
 
 /// Where a recipient goes.
-struct Route {
-    filer: String,
-    lmtp: SocketAddr,
+enum Route {
+    /// A mailbox on this filer.
+    Filer { filer: String, lmtp: SocketAddr },
+    /// Another domain: through the relay.
+    Remote,
 }
 
 /// Per-filer LMTP session limits, made on first use.
@@ -88,13 +90,15 @@ async fn deliver(
 ) -> Vec<Outcome> {
     let mut outcomes: Vec<Option<Outcome>> = vec![None; recipients.len()];
     let mut groups: HashMap<SocketAddr, (String, Vec<usize>)> = HashMap::new();
+    let mut remote: Vec<usize> = Vec::new();
     for (i, rcpt) in recipients.iter().enumerate() {
         match route(directory, rcpt).await {
-            Ok(r) => groups
-                .entry(r.lmtp)
-                .or_insert_with(|| (r.filer, Vec::new()))
+            Ok(Route::Filer { filer, lmtp }) => groups
+                .entry(lmtp)
+                .or_insert_with(|| (filer, Vec::new()))
                 .1
                 .push(i),
+            Ok(Route::Remote) => remote.push(i),
             Err(o) => {
                 if let Some(slot) = outcomes.get_mut(i) {
                     *slot = Some(o);
@@ -103,6 +107,18 @@ async fn deliver(
         }
     }
     let mut sends = tokio::task::JoinSet::new();
+    if !remote.is_empty() {
+        let paths: Vec<String> = remote
+            .iter()
+            .filter_map(|&i| recipients.get(i).cloned())
+            .collect();
+        let (settings, message, reverse_path) =
+            (settings.clone(), message.clone(), reverse_path.to_owned());
+        sends.spawn(async move {
+            let results = to_relay(&settings, &reverse_path, &paths, &message).await;
+            (remote, results)
+        });
+    }
     for (lmtp, (filer, idx)) in groups {
         let paths: Vec<String> = idx
             .iter()
@@ -135,7 +151,8 @@ async fn deliver(
         .collect()
 }
 
-/// Looks a recipient up: its filer and that filer's LMTP address, or why it cannot go now.
+/// Looks a recipient up: its filer and that filer's LMTP address (or the relay, for another
+/// domain), or why it cannot go now.
 async fn route(directory: &dyn Directory, rcpt: &str) -> Result<Route, Outcome> {
     let mailbox = match directory.mailbox(rcpt).await {
         Ok(Some(m)) => m,
@@ -144,11 +161,7 @@ async fn route(directory: &dyn Directory, rcpt: &str) -> Result<Route, Outcome> 
             let domain = domain_of(rcpt).unwrap_or_default();
             return match directory.is_hosted_domain(domain).await {
                 Ok(true) => Err(Outcome::Failed("550 5.1.1 no such mailbox".into())),
-                // TODO(#6): remote recipients go out through the relay; until then they wait.
-                Ok(false) => Err(Outcome::Deferred {
-                    reason: "no route to a remote domain yet (outbound relay, #6)".into(),
-                    deferral: Deferral::Retry,
-                }),
+                Ok(false) => Ok(Route::Remote),
                 Err(e) => Err(held(format!("location lookup failed: {e}"))),
             };
         }
@@ -170,7 +183,7 @@ async fn route(directory: &dyn Directory, rcpt: &str) -> Result<Route, Outcome> 
         return Err(held(format!("filer {} is down", filer.name)));
     }
     match filer.lmtp.parse::<SocketAddr>() {
-        Ok(lmtp) => Ok(Route {
+        Ok(lmtp) => Ok(Route::Filer {
             filer: filer.name,
             lmtp,
         }),
@@ -227,6 +240,50 @@ async fn send(
     };
     client.quit().await;
     outcomes
+}
+
+/// Hands mail for other domains (bounces to remote senders, aliases that forward outside) to
+/// the relay's internal listener. The relay is part of the platform: when it cannot be
+/// reached the recipients wait (and expire with the queue lifetime, like any remote
+/// delivery); a 5xx bounces.
+async fn to_relay(
+    settings: &Settings,
+    reverse_path: &str,
+    recipients: &[String],
+    message: &[u8],
+) -> Vec<Outcome> {
+    let Some(relay) = settings.relay.address() else {
+        let why = "no relay configured for other domains";
+        return vec![Outcome::retry(why.into()); recipients.len()];
+    };
+    let mut cs = ClientSettings::new(settings.shared.hostname.clone(), Protocol::Smtp);
+    cs.connect_timeout = settings.lmtp_timeout.min(std::time::Duration::from_secs(30));
+    cs.command_timeout = settings.lmtp_timeout;
+    cs.data_timeout = settings.lmtp_timeout;
+    let mut client = match Client::connect(relay, &cs).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(%relay, error = %e, "relay unreachable");
+            return vec![Outcome::retry(format!("relay unreachable: {e}")); recipients.len()];
+        }
+    };
+    let result = client.send(reverse_path, recipients, message).await;
+    client.quit().await;
+    match result {
+        Ok(replies) => replies
+            .iter()
+            .map(|r| match classify(r) {
+                Outcome::Delivered(t) => Outcome::Delivered(format!("relayed: {t}")),
+                Outcome::Failed(t) => Outcome::Failed(t),
+                Outcome::Deferred { reason, .. } | Outcome::Stale(reason) => Outcome::retry(reason),
+            })
+            .collect(),
+        Err(e) if e.is_permanent() => {
+            let text = e.reply().map_or_else(|| e.to_string(), Reply::to_string);
+            vec![Outcome::Failed(text); recipients.len()]
+        }
+        Err(e) => vec![Outcome::retry(format!("relay: {e}")); recipients.len()],
+    }
 }
 
 /// Hands a new message to the content filter over SMTP, with XFORWARD so it judges the real

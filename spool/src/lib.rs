@@ -31,7 +31,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-pub use settings::{FileConfig, FilterRoute, Settings};
+pub use settings::{FileConfig, PeerRoute, Settings};
 
 /// The already-bound listeners of the spool.
 #[derive(Debug, Default)]

@@ -61,6 +61,10 @@ pub struct FileConfig {
     /// `mailctl up`, if any; otherwise mail goes to the filers unfiltered. `"none"`: never
     /// filter. Default: empty.
     pub filter: String,
+    /// The relay's internal listener, for mail to other domains (bounces to remote senders,
+    /// aliases that forward outside). Empty: the relay started by the same `mailctl up`, if
+    /// any; otherwise such mail waits and expires. `"none"`: never. Default: empty.
+    pub relay: String,
     /// Offer STARTTLS on the MX listener. Default: true.
     pub starttls: bool,
 }
@@ -88,25 +92,40 @@ impl Default for FileConfig {
             filer_concurrency: 20,
             lmtp_timeout: "5m".into(),
             filter: String::new(),
+            relay: String::new(),
             starttls: true,
         }
     }
 }
 
-/// Where the spool hands new mail for filtering.
+/// Where the spool hands mail to another service of the platform (the filter, the relay).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FilterRoute {
-    /// Not filtered: straight to the filers.
+pub enum PeerRoute {
+    /// Nowhere.
     None,
-    /// The filter of the same `mailctl up` (resolved to [`FilterRoute::At`] when it starts;
-    /// with no filter there, like `None`).
+    /// The one of the same `mailctl up` (resolved to [`PeerRoute::At`] when it starts; with
+    /// none there, like `None`).
     Local,
-    /// A filter at this address.
+    /// At this address.
     At(SocketAddr),
 }
 
-impl FilterRoute {
-    /// The filter's address, if mail is filtered.
+impl PeerRoute {
+    fn parse(value: &str, key: &str, problems: &mut Problems) -> Self {
+        match value.trim() {
+            "" => Self::Local,
+            "none" => Self::None,
+            addr => match addr.parse::<SocketAddr>() {
+                Ok(a) => Self::At(a),
+                Err(_) => {
+                    problems.push(key, "must be address:port, \"none\" or empty");
+                    Self::None
+                }
+            },
+        }
+    }
+
+    /// The address, when there is one.
     pub fn address(self) -> Option<SocketAddr> {
         match self {
             Self::At(a) => Some(a),
@@ -155,7 +174,9 @@ pub struct Settings {
     /// LMTP command/reply timeout.
     pub lmtp_timeout: Duration,
     /// Where new mail is filtered.
-    pub filter: FilterRoute,
+    pub filter: PeerRoute,
+    /// Where mail for other domains goes.
+    pub relay: PeerRoute,
     /// Offer STARTTLS.
     pub starttls: bool,
     /// What every service shares.
@@ -186,17 +207,8 @@ impl Settings {
         if file.max_errors == 0 {
             problems.push(k("max_errors"), "must be greater than zero");
         }
-        let filter = match file.filter.trim() {
-            "" => FilterRoute::Local,
-            "none" => FilterRoute::None,
-            addr => match addr.parse::<SocketAddr>() {
-                Ok(a) => FilterRoute::At(a),
-                Err(_) => {
-                    problems.push(k("filter"), "must be address:port, \"none\" or empty");
-                    FilterRoute::None
-                }
-            },
-        };
+        let filter = PeerRoute::parse(&file.filter, &k("filter"), problems);
+        let relay = PeerRoute::parse(&file.relay, &k("relay"), problems);
         let retry_min = problems.duration(&k("retry_min"), &file.retry_min, true);
         let retry_max = problems.duration(&k("retry_max"), &file.retry_max, true);
         if retry_max < retry_min {
@@ -222,6 +234,7 @@ impl Settings {
             filer_concurrency: file.filer_concurrency,
             lmtp_timeout: problems.duration(&k("lmtp_timeout"), &file.lmtp_timeout, true),
             filter,
+            relay,
             starttls: file.starttls,
             shared: shared.clone(),
         }

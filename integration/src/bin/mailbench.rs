@@ -1,7 +1,8 @@
-//! `mailbench`: a load generator for LMTP delivery, and a probe of the disk's fsync rate.
+//! `mailbench`: a load generator for LMTP delivery and SMTP submission, and a probe of the
+//! disk's fsync rate.
 //!
-//! It carries its own minimal LMTP client, so that it does not depend on the code it measures.
-//! Targets must be loopback addresses unless `--allow-remote` is given.
+//! It carries its own minimal LMTP/SMTP client, so that it does not depend on the code it
+//! measures. Targets must be loopback addresses unless `--allow-remote` is given.
 //!
 //! # `mailbench lmtp HOST:PORT`
 //!
@@ -28,7 +29,8 @@
 //! characters, some of which start with a dot. Recipients come from `--users FILE` (one address
 //! per line) or from `--user-fmt` expanded for `--user-first ..= --user-first + --user-count - 1`.
 //! After an I/O error, a timeout or a `421`, the session reconnects (at most 5 times); the message
-//! in flight then counts as sent but not delivered.
+//! in flight then counts as sent but not delivered. A `5xx` to the greeting, LHLO or AUTH ends
+//! the session.
 //!
 //! What the figures mean:
 //! - **delivered msg/s**: messages for which every recipient got a final `250`, divided by the
@@ -36,12 +38,50 @@
 //! - **latency p50/p99/max**: from the moment the final `.` CRLF was written until the last
 //!   per-recipient reply arrived: the server's time to store the message (and fsync it), plus a
 //!   loopback round trip. Measured for every message whose DATA got its `354`.
+//! - **transaction latency p50/p99**: from writing MAIL until that last reply: the whole
+//!   message, envelope included.
 //! - **errors**: every unexpected reply, keyed `PHASE CODE` (`MAIL`, `RCPT`, `DATA`, `EOM` for
 //!   the replies after the final dot, `RSET`), and transport faults (`connect`, `io`,
 //!   `timeout …`, `protocol …`, `closed 421`). The first fault's detail is printed as well.
 //! - **wall**: from before the first connect until the last session has ended.
 //! - **client CPU**: user+system seconds of this process (Linux `/proc/self/stat`), so that the
 //!   generator's share of a shared machine can be told apart from the server's.
+//!
+//! # `mailbench submit HOST:PORT`
+//!
+//! ```text
+//! MAILBENCH_PASSWORD=pw mailbench submit 127.0.0.1:2587 --user alice@example.test \
+//!     --messages 20000 --sessions 10 --size 4096 --user-fmt 'rcpt%04d@sink.test' \
+//!     [--starttls] [--json]
+//! ```
+//!
+//! Authenticated submission (RFC 6409), as a mail client does it, over `--sessions`
+//! connections. Each session logs in once and then sends messages back to back on its
+//! connection, as in the LMTP mode (same counting, limits, reconnects and message text):
+//!
+//! ```text
+//! S: 220 greeting
+//! C: EHLO mailbench.example.net                S: 250
+//!   with --starttls: C: STARTTLS  S: 220, the TLS handshake, C: EHLO  S: 250
+//! C: AUTH PLAIN <base64 of NUL user NUL password>   S: 235   (RFC 4954, initial response)
+//! then per message: MAIL FROM:<user> and the RCPTs (pipelined), DATA, the message, which
+//! gets one reply after the final dot (RFC 5321)
+//! ```
+//!
+//! The reverse path and the `From:` header are `--user` (or `--from`), since a relay lets a
+//! user send only as themselves. The password comes from `--password` or, better (the command
+//! line is visible to every user of the machine), from `MAILBENCH_PASSWORD`.
+//!
+//! `--starttls` runs one `openssl s_client -starttls smtp` process per session and speaks
+//! through its standard input and output: it says EHLO and STARTTLS and does the handshake,
+//! and mailbench then sends EHLO again (RFC 3207 §4.2) and goes on as above. So the TLS client
+//! is OpenSSL's (mailbench has no TLS client of its own; the server's certificate is not
+//! checked). To the server it is a STARTTLS session like any other. The processes' CPU time
+//! is included in "client CPU" once they have exited (every session waits for its process
+//! after QUIT).
+//!
+//! The figures mean what they mean for LMTP; "delivered" is the `250` after the final dot:
+//! the server has taken responsibility for the message (a relay: queued it and fsynced it).
 //!
 //! # `mailbench fsync DIR`
 //!
@@ -63,7 +103,7 @@ use std::fs;
 use std::io::{self, Write as _};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
+use std::process::{ExitCode, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -71,16 +111,18 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context as _, bail, ensure};
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
-use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::io::{
+    AsyncBufReadExt as _, AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, BufReader,
+};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::process::Child;
 use tokio::time::Instant;
 
 #[derive(Parser)]
 #[command(
     name = "mailbench",
     version,
-    about = "Load generator for LMTP delivery, and a probe of the disk's fsync rate"
+    about = "Load generator for LMTP delivery and SMTP submission, and a probe of the disk's fsync rate"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -91,6 +133,8 @@ struct Cli {
 enum Command {
     /// Deliver messages over concurrent LMTP sessions and report rate and latency.
     Lmtp(LmtpArgs),
+    /// Submit messages over concurrent authenticated SMTP sessions and report rate and latency.
+    Submit(SubmitArgs),
     /// Measure create+write+fsync+close of new files, optionally with a directory fsync.
     Fsync(FsyncArgs),
 }
@@ -109,6 +153,61 @@ struct LmtpArgs {
     /// dot-stuffing). At least the size of the headers.
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
     size: u64,
+    #[command(flatten)]
+    rcpts: RcptArgs,
+    /// Reverse path of every message, and its From: header.
+    #[arg(long, default_value = "bench@example.net")]
+    from: String,
+    /// Name given in LHLO (also the domain of the Message-IDs).
+    #[arg(long, default_value = "mailbench.example.net")]
+    lhlo: String,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Args)]
+struct SubmitArgs {
+    /// The submission server, HOST:PORT.
+    target: String,
+    /// Messages to send in total (over all sessions).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    messages: u64,
+    /// Concurrent sessions; each logs in once and keeps its connection.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    sessions: u64,
+    /// Size of each message in bytes as stored (headers and body, CRLF line ends, before
+    /// dot-stuffing). At least the size of the headers.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    size: u64,
+    #[command(flatten)]
+    rcpts: RcptArgs,
+    /// The account to log in as (AUTH PLAIN); also the reverse path and the From: address,
+    /// unless --from is given.
+    #[arg(long)]
+    user: String,
+    /// The account's password. The environment is safer than the command line, which every
+    /// user of the machine can read.
+    #[arg(long, env = "MAILBENCH_PASSWORD", hide_env_values = true)]
+    password: String,
+    /// Reverse path of every message, and its From: header (default: --user).
+    #[arg(long)]
+    from: Option<String>,
+    /// Name given in EHLO (also the domain of the Message-IDs).
+    #[arg(long, default_value = "mailbench.example.net")]
+    ehlo: String,
+    /// Start TLS before AUTH (RFC 3207), through one `openssl s_client` process per session.
+    #[arg(long)]
+    starttls: bool,
+    /// The openssl binary that --starttls runs.
+    #[arg(long, default_value = "openssl")]
+    openssl: PathBuf,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// Who the messages go to: the same options for every load mode.
+#[derive(Args)]
+struct RcptArgs {
     /// Distinct random recipients per message.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1000))]
     rcpts_per_msg: u64,
@@ -124,12 +223,11 @@ struct LmtpArgs {
     /// The first user number.
     #[arg(long, default_value_t = 1)]
     user_first: u32,
-    /// Reverse path of every message, and its From: header.
-    #[arg(long, default_value = "bench@example.net")]
-    from: String,
-    /// Name given in LHLO (also the domain of the Message-IDs).
-    #[arg(long, default_value = "mailbench.example.net")]
-    lhlo: String,
+}
+
+/// How long a load run may take, and how it reports: the same for every load mode.
+#[derive(Args)]
+struct RunArgs {
     /// Stop starting new messages after this many seconds.
     #[arg(long, default_value_t = 300.0)]
     max_seconds: f64,
@@ -175,6 +273,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Lmtp(args) => lmtp_main(args),
+        Command::Submit(args) => submit_main(args),
         Command::Fsync(args) => fsync_main(&args),
     };
     match result {
@@ -187,7 +286,7 @@ fn main() -> ExitCode {
 }
 
 // ---------------------------------------------------------------------------------------------
-// LMTP load
+// LMTP and submission load
 
 /// At most this many reconnects per session, after a fault.
 const MAX_RECONNECTS: u32 = 5;
@@ -203,13 +302,62 @@ const BODY_LINE_LEN: usize = 76;
 const BODY_POOL_LEN: usize = 16 * 1024;
 
 fn lmtp_main(args: LmtpArgs) -> anyhow::Result<ExitCode> {
+    check_address(&args.from).context("--from")?;
+    let shape = Shape {
+        target: args.target,
+        messages: args.messages,
+        sessions: args.sessions,
+        size: args.size,
+    };
+    let dialog = Dialog {
+        dialect: Dialect::Lmtp,
+        from: args.from,
+        hello: args.lhlo,
+        auth: None,
+        starttls: None,
+    };
+    load_main(&shape, &args.rcpts, &args.run, dialog)
+}
+
+fn submit_main(args: SubmitArgs) -> anyhow::Result<ExitCode> {
+    check_address(&args.user).context("--user")?;
+    let from = args.from.unwrap_or_else(|| args.user.clone());
+    check_address(&from).context("--from")?;
+    ensure!(
+        !args.password.is_empty() && !args.password.contains('\0'),
+        "the password must be non-empty, without NUL"
+    );
+    // RFC 4616: authzid NUL authcid NUL passwd; an empty authzid means "as authcid".
+    let credentials = format!("\0{}\0{}", args.user, args.password);
+    let shape = Shape {
+        target: args.target,
+        messages: args.messages,
+        sessions: args.sessions,
+        size: args.size,
+    };
+    let dialog = Dialog {
+        dialect: Dialect::Submission,
+        from,
+        hello: args.ehlo,
+        auth: Some(format!("AUTH PLAIN {}", base64(credentials.as_bytes()))),
+        starttls: args.starttls.then_some(args.openssl),
+    };
+    load_main(&shape, &args.rcpts, &args.run, dialog)
+}
+
+/// Runs a load and prints its report; fails (exit status 1) when no message got through.
+fn load_main(
+    shape: &Shape,
+    rcpts: &RcptArgs,
+    run: &RunArgs,
+    dialog: Dialog,
+) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
-    let json = args.json;
-    let report = runtime.block_on(run_lmtp(args))?;
-    if json {
+    let report = runtime.block_on(run_load(shape, rcpts, run, dialog))?;
+    if run.json {
         print_json(&report)?;
     } else {
         report.print_text();
@@ -221,23 +369,75 @@ fn lmtp_main(args: LmtpArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-async fn run_lmtp(args: LmtpArgs) -> anyhow::Result<LmtpReport> {
+/// How much load: the options every load mode has, with its own defaults.
+struct Shape {
+    target: String,
+    messages: u64,
+    sessions: u64,
+    size: u64,
+}
+
+/// What differs between the protocols a load speaks.
+struct Dialog {
+    dialect: Dialect,
+    /// Reverse path, and the address of the `From:` header.
+    from: String,
+    /// The name given in LHLO/EHLO.
+    hello: String,
+    /// The AUTH command line, credentials included (never printed).
+    auth: Option<String>,
+    /// STARTTLS through this `openssl` binary.
+    starttls: Option<PathBuf>,
+}
+
+/// The protocol of a load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dialect {
+    /// LMTP (RFC 2033): LHLO; after the dot, one reply per accepted recipient.
+    Lmtp,
+    /// SMTP submission (RFC 6409): EHLO and AUTH; after the dot, one reply.
+    Submission,
+}
+
+impl Dialect {
+    /// The name of the workload in reports.
+    fn workload(self) -> &'static str {
+        match self {
+            Self::Lmtp => "lmtp",
+            Self::Submission => "submit",
+        }
+    }
+
+    fn hello_verb(self) -> &'static str {
+        match self {
+            Self::Lmtp => "LHLO",
+            Self::Submission => "EHLO",
+        }
+    }
+}
+
+async fn run_load(
+    shape: &Shape,
+    rcpts: &RcptArgs,
+    run: &RunArgs,
+    dialog: Dialog,
+) -> anyhow::Result<LoadReport> {
     ensure!(
-        args.max_seconds > 0.0 && args.max_seconds <= 86_400.0,
+        run.max_seconds > 0.0 && run.max_seconds <= 86_400.0,
         "--max-seconds must be in (0, 86400]"
     );
     ensure!(
-        args.reply_timeout > 0.0 && args.reply_timeout <= 3600.0,
+        run.reply_timeout > 0.0 && run.reply_timeout <= 3600.0,
         "--reply-timeout must be in (0, 3600]"
     );
-    check_address(&args.from).context("--from")?;
     ensure!(
-        !args.lhlo.is_empty() && args.lhlo.bytes().all(|b| b.is_ascii_graphic()),
-        "--lhlo must be a domain name"
+        !dialog.hello.is_empty() && dialog.hello.bytes().all(|b| b.is_ascii_graphic()),
+        "the {} name must be a domain name",
+        dialog.dialect.hello_verb()
     );
-    let addr = resolve_target(&args.target, args.allow_remote).await?;
-    let users = load_users(&args)?;
-    let rcpts_per_msg = usize::try_from(args.rcpts_per_msg)?;
+    let addr = resolve_target(&shape.target, run.allow_remote).await?;
+    let users = load_users(rcpts)?;
+    let rcpts_per_msg = usize::try_from(rcpts.rcpts_per_msg)?;
     ensure!(
         rcpts_per_msg <= users.len(),
         "--rcpts-per-msg {rcpts_per_msg} exceeds the {} users",
@@ -245,20 +445,19 @@ async fn run_lmtp(args: LmtpArgs) -> anyhow::Result<LmtpReport> {
     );
 
     let now_ns = unix_nanos();
-    let seed = args.seed.unwrap_or(now_ns ^ u64::from(std::process::id()));
+    let seed = run.seed.unwrap_or(now_ns ^ u64::from(std::process::id()));
     let start = Instant::now();
-    let deadline = start + Duration::from_secs_f64(args.max_seconds);
-    let reply_timeout = Duration::from_secs_f64(args.reply_timeout);
+    let deadline = start + Duration::from_secs_f64(run.max_seconds);
+    let reply_timeout = Duration::from_secs_f64(run.reply_timeout);
     // A session finishes the message it has started; this cuts it off if the server stalls.
     let hard_deadline = deadline + reply_timeout * 4 + CONNECT_TIMEOUT;
     let plan = Arc::new(Plan {
         addr,
-        from: args.from.clone(),
-        lhlo: args.lhlo.clone(),
+        dialog,
         users,
         rcpts_per_msg,
-        size: usize::try_from(args.size)?,
-        messages: args.messages,
+        size: usize::try_from(shape.size)?,
+        messages: shape.messages,
         next: AtomicU64::new(0),
         deadline,
         reply_timeout,
@@ -267,7 +466,7 @@ async fn run_lmtp(args: LmtpArgs) -> anyhow::Result<LmtpReport> {
     });
 
     let mut tasks = Vec::new();
-    for id in 0..args.sessions {
+    for id in 0..shape.sessions {
         let plan = Arc::clone(&plan);
         let mut rng = Rng::new(seed ^ (id + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
         tasks.push(tokio::spawn(async move {
@@ -291,14 +490,13 @@ async fn run_lmtp(args: LmtpArgs) -> anyhow::Result<LmtpReport> {
         }
     }
     let wall = start.elapsed();
-    Ok(LmtpReport::new(&args, &plan, total, wall))
+    Ok(LoadReport::new(shape, rcpts, &plan, total, wall))
 }
 
 /// What every session shares: the settings and the counter of messages started.
 struct Plan {
     addr: SocketAddr,
-    from: String,
-    lhlo: String,
+    dialog: Dialog,
     users: Vec<String>,
     rcpts_per_msg: usize,
     size: usize,
@@ -345,7 +543,7 @@ impl Plan {
     /// Appends message `seq`, dot-stuffed, without the final dot.
     fn push_message(&self, out: &mut Vec<u8>, seq: u64, rcpts: &[&str], rng: &mut Rng) {
         let start = out.len();
-        push_line(out, &format!("From: Mailbench <{}>", self.from));
+        push_line(out, &format!("From: Mailbench <{}>", self.dialog.from));
         let mut to = String::from("To: ");
         for (i, rcpt) in rcpts.iter().enumerate() {
             if i > 0 {
@@ -364,7 +562,10 @@ impl Plan {
         push_line(out, &format!("Date: {}", rfc5322_date(SystemTime::now())));
         push_line(
             out,
-            &format!("Message-ID: <{:016x}.{seq}@{}>", self.run_id, self.lhlo),
+            &format!(
+                "Message-ID: <{:016x}.{seq}@{}>",
+                self.run_id, self.dialog.hello
+            ),
         );
         push_line(out, "MIME-Version: 1.0");
         push_line(out, "Content-Type: text/plain; charset=us-ascii");
@@ -402,7 +603,8 @@ impl Plan {
     }
 }
 
-/// Runs one session: connect, then messages until the run is over; reconnects after faults.
+/// Runs one session: connect, then messages until the run is over; reconnects after faults,
+/// except a permanent refusal of the greeting, LHLO/EHLO or AUTH.
 async fn run_session(plan: &Plan, rng: &mut Rng, tally: &mut Tally) {
     for attempt in 0..=MAX_RECONNECTS {
         if attempt > 0 {
@@ -413,6 +615,11 @@ async fn run_session(plan: &Plan, rng: &mut Rng, tally: &mut Tally) {
         }
         let mut conn = match Connection::open(plan).await {
             Ok(conn) => conn,
+            // A permanent refusal (a wrong password, say) would only be repeated.
+            Err(fault @ Fault::Refused(_, 500..)) => {
+                tally.fault(&fault);
+                return;
+            }
             Err(fault) => {
                 tally.fault(&fault);
                 continue;
@@ -428,10 +635,17 @@ async fn run_session(plan: &Plan, rng: &mut Rng, tally: &mut Tally) {
     }
 }
 
-/// One LMTP connection, after the greeting and LHLO.
+/// The two halves of a connection's byte stream: a TCP socket, or the pipes of an
+/// `openssl s_client` process that carries the session over TLS.
+type ReadHalf = Box<dyn AsyncRead + Unpin + Send>;
+type WriteHalf = Box<dyn AsyncWrite + Unpin + Send>;
+
+/// One LMTP or SMTP connection, after the greeting, LHLO/EHLO and AUTH.
 struct Connection {
-    reader: BufReader<OwnedReadHalf>,
-    writer: OwnedWriteHalf,
+    reader: BufReader<ReadHalf>,
+    writer: WriteHalf,
+    /// The `openssl s_client` process of a STARTTLS session (killed when dropped).
+    tls_helper: Option<Child>,
     pipelining: bool,
     reply_timeout: Duration,
     out: Vec<u8>,
@@ -440,35 +654,64 @@ struct Connection {
 
 impl Connection {
     async fn open(plan: &Plan) -> Result<Self, Fault> {
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(plan.addr))
-            .await
-            .map_err(|_| Fault::Timeout("connect"))?
-            .map_err(Fault::Connect)?;
-        stream.set_nodelay(true).map_err(Fault::Connect)?;
-        let (reader, writer) = stream.into_split();
+        let dialog = &plan.dialog;
+        let (reader, writer, tls_helper): (ReadHalf, WriteHalf, _) = match &dialog.starttls {
+            None => {
+                let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(plan.addr))
+                    .await
+                    .map_err(|_| Fault::Timeout("connect"))?
+                    .map_err(Fault::Connect)?;
+                stream.set_nodelay(true).map_err(Fault::Connect)?;
+                let (reader, writer) = stream.into_split();
+                (Box::new(reader), Box::new(writer), None)
+            }
+            Some(openssl) => {
+                let mut child =
+                    spawn_starttls(openssl, plan.addr, &dialog.hello).map_err(Fault::Connect)?;
+                let (Some(stdout), Some(stdin)) = (child.stdout.take(), child.stdin.take()) else {
+                    return Err(Fault::Protocol("openssl without pipes"));
+                };
+                (Box::new(stdout), Box::new(stdin), Some(child))
+            }
+        };
         let mut conn = Self {
             reader: BufReader::new(reader),
             writer,
+            tls_helper,
             pipelining: false,
             reply_timeout: plan.reply_timeout,
             out: Vec::with_capacity(plan.size + plan.size / 32 + 1024),
             line: Vec::with_capacity(512),
         };
-        let greeting = conn.read_reply().await?;
-        if greeting.code != 220 {
-            return Err(Fault::Refused("greeting", greeting.code));
+        // With STARTTLS, openssl has read the greeting, said EHLO and STARTTLS, and done the
+        // handshake; the session starts again with EHLO (RFC 3207 §4.2).
+        if conn.tls_helper.is_none() {
+            let greeting = conn.read_reply().await?;
+            if greeting.code != 220 {
+                return Err(Fault::Refused("greeting", greeting.code));
+            }
         }
+        let verb = dialog.dialect.hello_verb();
         conn.out.clear();
-        push_line(&mut conn.out, &format!("LHLO {}", plan.lhlo));
+        push_line(&mut conn.out, &format!("{verb} {}", dialog.hello));
         conn.flush().await?;
-        let lhlo = conn.read_reply().await?;
-        if lhlo.code != 250 {
-            return Err(Fault::Refused("LHLO", lhlo.code));
+        let hello = conn.read_reply().await?;
+        if hello.code != 250 {
+            return Err(Fault::Refused(verb, hello.code));
         }
-        conn.pipelining = lhlo
+        conn.pipelining = hello
             .lines
             .iter()
             .any(|l| l.eq_ignore_ascii_case("PIPELINING"));
+        if let Some(auth) = &dialog.auth {
+            conn.out.clear();
+            push_line(&mut conn.out, auth);
+            conn.flush().await?;
+            let reply = conn.read_reply().await?;
+            if reply.code != 235 {
+                return Err(Fault::Refused("AUTH", reply.code));
+            }
+        }
         Ok(conn)
     }
 
@@ -485,7 +728,7 @@ impl Connection {
         Ok(())
     }
 
-    /// One message: envelope, DATA, content, and the per-recipient replies.
+    /// One message: envelope, DATA, content, and the replies after it.
     async fn transaction(
         &mut self,
         plan: &Plan,
@@ -494,7 +737,8 @@ impl Connection {
         tally: &mut Tally,
     ) -> Result<(), Fault> {
         let rcpts = plan.pick_rcpts(rng);
-        let accepted = self.envelope(&plan.from, &rcpts, tally).await?;
+        let started = Instant::now();
+        let accepted = self.envelope(&plan.dialog.from, &rcpts, tally).await?;
         if accepted == 0 {
             return self.reset(tally).await;
         }
@@ -513,17 +757,23 @@ impl Connection {
         self.out.extend_from_slice(b".\r\n");
         self.flush().await?;
         let end_of_data = Instant::now();
-        // RFC 2033 §4.2: one reply for each recipient that RCPT accepted, in order.
+        // RFC 2033 §4.2: LMTP answers once for each recipient that RCPT accepted, in order;
+        // SMTP answers once for all of them (RFC 5321 §4.1.1.4).
+        let (replies, rcpts_per_reply) = match plan.dialog.dialect {
+            Dialect::Lmtp => (accepted, 1),
+            Dialect::Submission => (1, accepted as u64),
+        };
         let mut delivered = 0;
-        for _ in 0..accepted {
+        for _ in 0..replies {
             let reply = self.read_reply().await?;
             if reply.code == 250 {
-                delivered += 1;
+                delivered += rcpts_per_reply;
             } else {
                 tally.error("EOM", reply.code);
             }
         }
         tally.latencies_us.push(micros(end_of_data.elapsed()));
+        tally.transactions_us.push(micros(started.elapsed()));
         tally.rcpts_delivered += delivered;
         if delivered == rcpts.len() as u64 {
             tally.messages_delivered += 1;
@@ -591,10 +841,20 @@ impl Connection {
         if self.flush().await.is_ok() {
             let _ = self.read_reply().await;
         }
+        // openssl exits when the server closes; waiting for it counts its CPU time as ours
+        // (/proc/self/stat cutime, cstime). If it does not exit, dropping it kills it.
+        if let Some(mut child) = self.tls_helper.take() {
+            drop(self.writer);
+            let _ = tokio::time::timeout(QUIT_TIMEOUT, child.wait()).await;
+        }
     }
 
     async fn flush(&mut self) -> Result<(), Fault> {
-        tokio::time::timeout(self.reply_timeout, self.writer.write_all(&self.out))
+        let write = async {
+            self.writer.write_all(&self.out).await?;
+            self.writer.flush().await
+        };
+        tokio::time::timeout(self.reply_timeout, write)
             .await
             .map_err(|_| Fault::Timeout("write"))?
             .map_err(Fault::Io)
@@ -665,6 +925,25 @@ fn parse_reply_line(line: &[u8]) -> Result<(u16, bool, String), Fault> {
     Ok((code, last, String::from_utf8_lossy(text).into_owned()))
 }
 
+/// Starts `openssl s_client` to speak SMTP over STARTTLS with `addr`: it reads the greeting,
+/// says `EHLO hello` and STARTTLS, does the handshake (without checking the certificate), and
+/// then relays its standard input and output to and from the TLS session. `-quiet` also keeps
+/// the connection when standard input ends; `-nocommands` stops it from taking lines that
+/// start with `Q` or `R` for its own commands.
+fn spawn_starttls(openssl: &Path, addr: SocketAddr, hello: &str) -> io::Result<Child> {
+    tokio::process::Command::new(openssl)
+        .args(["s_client", "-quiet", "-nocommands", "-starttls", "smtp"])
+        .arg("-name")
+        .arg(hello)
+        .arg("-connect")
+        .arg(addr.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+}
+
 /// Why a session lost its connection.
 #[derive(Debug)]
 enum Fault {
@@ -711,6 +990,8 @@ struct Tally {
     rcpts_delivered: u64,
     /// End of DATA to last reply, one entry per message that got to the dot.
     latencies_us: Vec<u32>,
+    /// MAIL to last reply, for the same messages.
+    transactions_us: Vec<u32>,
     errors: BTreeMap<String, u64>,
     first_fault: Option<String>,
 }
@@ -730,6 +1011,7 @@ impl Tally {
         self.messages_delivered += other.messages_delivered;
         self.rcpts_delivered += other.rcpts_delivered;
         self.latencies_us.extend(other.latencies_us);
+        self.transactions_us.extend(other.transactions_us);
         for (key, n) in other.errors {
             *self.errors.entry(key).or_default() += n;
         }
@@ -740,9 +1022,12 @@ impl Tally {
 }
 
 #[derive(Serialize)]
-struct LmtpReport {
+struct LoadReport {
     workload: &'static str,
     target: String,
+    /// Submission only: whether the sessions started TLS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    starttls: Option<bool>,
     sessions: u64,
     size: u64,
     rcpts_per_msg: u64,
@@ -757,6 +1042,8 @@ struct LmtpReport {
     lat_ms_p50: Option<f64>,
     lat_ms_p99: Option<f64>,
     lat_ms_max: Option<f64>,
+    txn_ms_p50: Option<f64>,
+    txn_ms_p99: Option<f64>,
     errors: BTreeMap<String, u64>,
     first_error: Option<String>,
     /// True when `--max-seconds` ended the run before `--messages` were sent.
@@ -764,39 +1051,49 @@ struct LmtpReport {
     client_cpu_s: Option<f64>,
 }
 
-impl LmtpReport {
-    fn new(args: &LmtpArgs, plan: &Plan, mut tally: Tally, wall: Duration) -> Self {
+impl LoadReport {
+    fn new(shape: &Shape, rcpts: &RcptArgs, plan: &Plan, mut tally: Tally, wall: Duration) -> Self {
         tally.latencies_us.sort_unstable();
-        let lat = |p| percentile(&tally.latencies_us, p).map(|us| round3(f64::from(us) / 1e3));
+        tally.transactions_us.sort_unstable();
+        let ms = |v: &[u32], p| percentile(v, p).map(|us| round3(f64::from(us) / 1e3));
         let wall_s = wall.as_secs_f64();
+        let dialect = plan.dialog.dialect;
         Self {
-            workload: "lmtp",
-            target: args.target.clone(),
-            sessions: args.sessions,
-            size: args.size,
-            rcpts_per_msg: args.rcpts_per_msg,
+            workload: dialect.workload(),
+            target: shape.target.clone(),
+            starttls: (dialect == Dialect::Submission).then_some(plan.dialog.starttls.is_some()),
+            sessions: shape.sessions,
+            size: shape.size,
+            rcpts_per_msg: rcpts.rcpts_per_msg,
             users: plan.users.len(),
-            messages_requested: args.messages,
+            messages_requested: shape.messages,
             messages_sent: tally.sent,
             messages_delivered: tally.messages_delivered,
             rcpts_delivered: tally.rcpts_delivered,
             wall_s: round3(wall_s),
             msgs_per_s: round1(tally.messages_delivered as f64 / wall_s),
             rcpts_per_s: round1(tally.rcpts_delivered as f64 / wall_s),
-            lat_ms_p50: lat(0.50),
-            lat_ms_p99: lat(0.99),
-            lat_ms_max: lat(1.0),
+            lat_ms_p50: ms(&tally.latencies_us, 0.50),
+            lat_ms_p99: ms(&tally.latencies_us, 0.99),
+            lat_ms_max: ms(&tally.latencies_us, 1.0),
+            txn_ms_p50: ms(&tally.transactions_us, 0.50),
+            txn_ms_p99: ms(&tally.transactions_us, 0.99),
             errors: tally.errors,
             first_error: tally.first_fault,
-            stopped_by_time: tally.sent < args.messages && Instant::now() >= plan.deadline,
+            stopped_by_time: tally.sent < shape.messages && Instant::now() >= plan.deadline,
             client_cpu_s: process_cpu_seconds(),
         }
     }
 
     fn print_text(&self) {
+        let tls = match self.starttls {
+            Some(true) => ", STARTTLS",
+            Some(false) => ", no TLS",
+            None => "",
+        };
         println!(
-            "lmtp {}: {} sessions, {} bytes/msg, {} rcpt/msg, {} users",
-            self.target, self.sessions, self.size, self.rcpts_per_msg, self.users
+            "{} {}{tls}: {} sessions, {} bytes/msg, {} rcpt/msg, {} users",
+            self.workload, self.target, self.sessions, self.size, self.rcpts_per_msg, self.users
         );
         println!(
             "messages   {} requested, {} sent, {} delivered (every recipient 250){}",
@@ -819,6 +1116,11 @@ impl LmtpReport {
             fmt_opt(self.lat_ms_p50),
             fmt_opt(self.lat_ms_p99),
             fmt_opt(self.lat_ms_max)
+        );
+        println!(
+            "txn        p50 {} ms, p99 {} ms (MAIL to last reply)",
+            fmt_opt(self.txn_ms_p50),
+            fmt_opt(self.txn_ms_p99)
         );
         if self.errors.is_empty() {
             println!("errors     none");
@@ -857,7 +1159,7 @@ async fn resolve_target(target: &str, allow_remote: bool) -> anyhow::Result<Sock
 }
 
 /// The recipient addresses: from `--users FILE`, or `--user-fmt` expanded.
-fn load_users(args: &LmtpArgs) -> anyhow::Result<Vec<String>> {
+fn load_users(args: &RcptArgs) -> anyhow::Result<Vec<String>> {
     let users = if let Some(path) = &args.users {
         let text =
             fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -942,6 +1244,28 @@ fn body_pool(rng: &mut Rng) -> Vec<u8> {
                 .unwrap_or(b' ')
         })
         .collect()
+}
+
+/// Base64 with padding (RFC 4648 §4), for AUTH PLAIN.
+fn base64(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        // The chunk's bytes, big-endian, in the top 24 bits of 32.
+        let bits = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, &b)| acc | u32::from(b) << (24 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                let sextet = (bits >> (26 - 6 * i)) & 63;
+                out.push(char::from(ALPHABET[sextet as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 fn push_line(out: &mut Vec<u8>, line: &str) {
@@ -1231,7 +1555,7 @@ fn unix_nanos() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
-/// User+system CPU seconds of this process so far (Linux only).
+/// User+system CPU seconds of this process and its exited children so far (Linux only).
 fn process_cpu_seconds() -> Option<f64> {
     let stat = fs::read_to_string("/proc/self/stat").ok()?;
     // The command name may contain spaces; the fields after it are fixed (proc(5)).
@@ -1241,8 +1565,11 @@ fn process_cpu_seconds() -> Option<f64> {
         .collect();
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
+    // Children that were waited for (the openssl processes of --starttls).
+    let cutime: u64 = fields.get(13)?.parse().ok()?;
+    let cstime: u64 = fields.get(14)?.parse().ok()?;
     // USER_HZ is 100 on every Linux architecture that reports through /proc.
-    Some(round3((utime + stime) as f64 / 100.0))
+    Some(round3((utime + stime + cutime + cstime) as f64 / 100.0))
 }
 
 fn print_json(report: &impl Serialize) -> anyhow::Result<()> {
@@ -1257,8 +1584,13 @@ mod tests {
     fn plan(size: usize) -> Plan {
         Plan {
             addr: SocketAddr::from(([127, 0, 0, 1], 24)),
-            from: "bench@example.net".to_owned(),
-            lhlo: "mailbench.example.net".to_owned(),
+            dialog: Dialog {
+                dialect: Dialect::Lmtp,
+                from: "bench@example.net".to_owned(),
+                hello: "mailbench.example.net".to_owned(),
+                auth: None,
+                starttls: None,
+            },
             users: (1..=10)
                 .map(|n| expand_user_fmt("user%04d@example.test", n).unwrap())
                 .collect(),
@@ -1452,6 +1784,104 @@ mod tests {
         assert_eq!(tally.rcpts_delivered, 3);
         assert_eq!(tally.latencies_us.len(), 3);
         assert_eq!(tally.errors.get("EOM 452"), Some(&3));
+    }
+
+    #[test]
+    fn base64_matches_rfc4648() {
+        // RFC 4648 §10 test vectors.
+        for (plain, encoded) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64(plain.as_bytes()), encoded);
+        }
+        assert_eq!(base64(&[0xfb, 0xff]), "+/8=");
+    }
+
+    #[tokio::test]
+    async fn session_speaks_submission() {
+        use tokio::io::AsyncBufReadExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut p = plan(2000);
+        p.addr = listener.local_addr().unwrap();
+        p.messages = 3;
+        p.rcpts_per_msg = 2;
+        p.dialog = Dialog {
+            dialect: Dialect::Submission,
+            from: "alice@example.test".to_owned(),
+            hello: "mailbench.example.net".to_owned(),
+            auth: Some(format!(
+                "AUTH PLAIN {}",
+                base64(b"\0alice@example.test\0pw")
+            )),
+            starttls: None,
+        };
+        let server = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (r, mut w) = stream.into_split();
+            let mut lines = BufReader::new(r).lines();
+            w.write_all(b"220 test ESMTP\r\n").await.unwrap();
+            let mut in_data = false;
+            let mut messages = 0;
+            let mut seen = Vec::new();
+            while let Some(line) = lines.next_line().await.unwrap() {
+                if in_data {
+                    if line.starts_with("From: ") {
+                        assert_eq!(line, "From: Mailbench <alice@example.test>");
+                    }
+                    if line == "." {
+                        in_data = false;
+                        messages += 1;
+                        // One reply for the whole message; the second one is refused.
+                        let reply: &[u8] = if messages == 2 {
+                            b"451 4.3.0 try again later\r\n"
+                        } else {
+                            b"250 2.0.0 queued\r\n"
+                        };
+                        w.write_all(reply).await.unwrap();
+                    }
+                    continue;
+                }
+                seen.push(line.clone());
+                let reply: &[u8] = if line.starts_with("EHLO") {
+                    b"250-test\r\n250-PIPELINING\r\n250 AUTH PLAIN\r\n"
+                } else if line.starts_with("AUTH") {
+                    b"235 2.7.0 ok\r\n"
+                } else if line == "DATA" {
+                    in_data = true;
+                    b"354 go ahead\r\n"
+                } else if line == "QUIT" {
+                    w.write_all(b"221 bye\r\n").await.unwrap();
+                    break;
+                } else {
+                    b"250 2.1.0 ok\r\n"
+                };
+                w.write_all(reply).await.unwrap();
+            }
+            seen
+        });
+        let mut tally = Tally::default();
+        run_session(&p, &mut Rng::new(9), &mut tally).await;
+        let seen = server.await.unwrap();
+        assert_eq!(
+            seen.get(..3).unwrap(),
+            [
+                "EHLO mailbench.example.net",
+                "AUTH PLAIN AGFsaWNlQGV4YW1wbGUudGVzdABwdw==",
+                "MAIL FROM:<alice@example.test>",
+            ]
+        );
+        assert_eq!(tally.sent, 3);
+        assert_eq!(tally.messages_delivered, 2);
+        assert_eq!(tally.rcpts_delivered, 4);
+        assert_eq!(tally.latencies_us.len(), 3);
+        assert_eq!(tally.transactions_us.len(), 3);
+        assert_eq!(tally.errors.get("EOM 451"), Some(&1));
     }
 
     #[test]

@@ -165,11 +165,7 @@ async fn a_filter_that_is_down_holds_mail_in_the_spool_until_it_is_back() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     // The filter's port: reserved, then closed; the second process will listen there.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::support::reserved_port();
     let a = EPHEMERAL_CONFIG.replace(
         "[spool]\n",
         &format!("[spool]\nfilter = \"127.0.0.1:{port}\"\n"),

@@ -272,10 +272,7 @@ async fn a_remote_mx_that_is_down_gets_the_message_when_it_is_back() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     // A port with nothing listening: bound, then closed.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let closed: std::net::SocketAddr = ([127, 0, 0, 1], crate::support::reserved_port()).into();
     config(d, closed, "");
     let up = Up::start(d, "mail.toml");
     let port = up.addr("relay", "submissions").port();
@@ -343,4 +340,85 @@ async fn a_remote_mx_that_is_down_gets_the_message_when_it_is_back() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await; // polling interval
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alias_that_forwards_outside_goes_out_through_the_relay() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mx = FakeMx::start("127.0.0.1:0").await;
+    config(d, mx.addr, "");
+    ok(
+        d,
+        &[
+            "-c",
+            "mail.toml",
+            "alias",
+            "add",
+            "fwd@example.test",
+            "someone@remote.test",
+        ],
+        None,
+    );
+    ok(
+        d,
+        &[
+            "-c",
+            "mail.toml",
+            "alias",
+            "add",
+            "team@example.test",
+            "someone@remote.test",
+        ],
+        None,
+    );
+    ok(
+        d,
+        &[
+            "-c",
+            "mail.toml",
+            "alias",
+            "add",
+            "team@example.test",
+            "bob@example.test",
+        ],
+        None,
+    );
+    let up = Up::start(d, "mail.toml");
+    let spool = up.addr("spool", "smtp");
+    let mut c = common::smtp::client::Client::connect(
+        spool,
+        &common::smtp::client::ClientSettings::new(
+            "client.test",
+            common::smtp::client::Protocol::Smtp,
+        ),
+    )
+    .await
+    .unwrap();
+    for to in ["fwd@example.test", "team@example.test"] {
+        let replies = c
+            .send(
+                "sender@elsewhere.test",
+                &[to.to_owned()],
+                format!("From: sender@elsewhere.test\r\nSubject: to {to}\r\n\r\nforward me\r\n")
+                    .as_bytes(),
+            )
+            .await
+            .unwrap();
+        assert!(replies[0].is_positive(), "{}", replies[0]);
+    }
+    c.quit().await;
+    let got = mx.wait_for(2).await;
+    for m in &got {
+        assert_eq!(m.rcpts, ["someone@remote.test"]);
+        assert_eq!(
+            m.from, "sender@elsewhere.test",
+            "the original sender is kept"
+        );
+        assert!(m.data.contains("forward me"));
+        assert!(m.data.contains("(relay, conn ") && m.data.contains("(spool, conn "));
+    }
+    // The hosted member of the group got its copy too.
+    let inbox = wait_for_maildir(&d.join("data/filers/filer2"), "bob@example.test", 1);
+    assert!(inbox[0].contains("to team@example.test"), "{}", inbox[0]);
 }

@@ -100,7 +100,7 @@ impl Drop for Up {
 /// A config file with every listener on an ephemeral port, two filers, a spool with test
 /// timings (short greeting delay, retries within a second, a short lookup cache) and the access
 /// proxy with short login delays.
-pub(crate) const EPHEMERAL_CONFIG: &str = "[database]\ncache_ttl = \"100ms\"\n\n[filter]\nenabled = false\nlisten = \"127.0.0.1:0\"\nnetwork_checks = false\n\n[relay]\nsubmission = \"127.0.0.1:0\"\nsubmissions = \"127.0.0.1:0\"\nretry_min = \"100ms\"\nretry_max = \"500ms\"\nlogin_delay = \"10ms\"\nlogin_delay_max = \"50ms\"\n\n[access]\nimap = \"127.0.0.1:0\"\nimaps = \"127.0.0.1:0\"\npop3 = \"127.0.0.1:0\"\npop3s = \"127.0.0.1:0\"\nlogin_delay = \"10ms\"\nlogin_delay_max = \"50ms\"\n\n[spool]\nsmtp = \"127.0.0.1:0\"\nreinject = \"127.0.0.1:0\"\ngreet_delay = \"50ms\"\nretry_min = \"100ms\"\nretry_max = \"500ms\"\n\n[[filers]]\nname = \"filer1\"\nlmtp = \"127.0.0.1:0\"\nimap = \"127.0.0.1:0\"\npop3 = \"127.0.0.1:0\"\n\n[[filers]]\nname = \"filer2\"\nlmtp = \"127.0.0.1:0\"\nimap = \"127.0.0.1:0\"\npop3 = \"127.0.0.1:0\"\n";
+pub(crate) const EPHEMERAL_CONFIG: &str = "[database]\ncache_ttl = \"100ms\"\n\n[filter]\nenabled = false\nlisten = \"127.0.0.1:0\"\nnetwork_checks = false\n\n[relay]\nsubmission = \"127.0.0.1:0\"\nsubmissions = \"127.0.0.1:0\"\ninternal = \"127.0.0.1:0\"\nretry_min = \"100ms\"\nretry_max = \"500ms\"\nlogin_delay = \"10ms\"\nlogin_delay_max = \"50ms\"\n\n[access]\nimap = \"127.0.0.1:0\"\nimaps = \"127.0.0.1:0\"\npop3 = \"127.0.0.1:0\"\npop3s = \"127.0.0.1:0\"\nlogin_delay = \"10ms\"\nlogin_delay_max = \"50ms\"\n\n[spool]\nsmtp = \"127.0.0.1:0\"\nreinject = \"127.0.0.1:0\"\ngreet_delay = \"50ms\"\nretry_min = \"100ms\"\nretry_max = \"500ms\"\n\n[[filers]]\nname = \"filer1\"\nlmtp = \"127.0.0.1:0\"\nimap = \"127.0.0.1:0\"\npop3 = \"127.0.0.1:0\"\n\n[[filers]]\nname = \"filer2\"\nlmtp = \"127.0.0.1:0\"\nimap = \"127.0.0.1:0\"\npop3 = \"127.0.0.1:0\"\n";
 
 /// The messages in `user`'s INBOX under a filer's mail root (`new/` and `cur/`), sorted.
 pub(crate) fn maildir(root: &Path, user: &str) -> Vec<String> {
@@ -264,4 +264,21 @@ impl Drop for FakeMx {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// A loopback port that is free now, below the ephemeral range (Linux: 32768 and up), so no
+/// other test's port-0 listener can take it before the test binds it again.
+pub(crate) fn reserved_port() -> u16 {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos()
+        ^ std::process::id();
+    for i in 0..10_000u32 {
+        let port = 20_000 + ((seed.wrapping_add(i.wrapping_mul(7919))) % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port below the ephemeral range");
 }

@@ -150,14 +150,20 @@ impl Session {
         tx: Transaction,
         message: Vec<u8>,
     ) -> Reply {
-        let Some(user) = self.user.clone() else {
-            return Reply::perm(530, "5.7.0", "authentication required");
+        let user = match (self.user.clone(), self.internal) {
+            (Some(user), _) => user,
+            (None, true) => String::new(),
+            (None, false) => return Reply::perm(530, "5.7.0", "authentication required"),
         };
         let settings = &self.relay.settings;
         let headers = inspect(&message);
         if headers.received >= settings.max_hops {
             tracing::warn!(hops = headers.received, "refused a looping message");
             return Reply::perm(554, "5.4.6", "too many hops, mail loop detected");
+        }
+        if self.internal {
+            // A spool's bounce or forward: queued as it is, unsigned (it is not ours).
+            return self.queue(conn, hello, tx, "", message, String::new()).await;
         }
         let from = match headers.from {
             FromHeader::One(a) => a,
@@ -182,12 +188,7 @@ impl Session {
             Err(e) => return super::envelope::lookup_failed(&e),
         }
 
-        let queue = self.relay.runner.queue();
-        let mut incoming = match Incoming::create(queue).await {
-            Ok(m) => m,
-            Err(e) => return store_failed(&e),
-        };
-        let id = incoming.id().clone();
+        let id = common::queue::QueueId::generate();
         let host = &settings.shared.hostname;
         // RFC 6409 §8.2, §8.3: a submission server may add what the client left out.
         let mut added = String::new();
@@ -211,6 +212,25 @@ impl Session {
                 String::new()
             }
         };
+        self.queue(conn, hello, tx, &user, content, signature).await
+    }
+
+    /// Writes the entry (our `Received:`, the signature, the message), fsyncs, schedules it.
+    async fn queue(
+        &self,
+        conn: &Client,
+        hello: &Hello,
+        tx: Transaction,
+        user: &str,
+        content: Vec<u8>,
+        signature: String,
+    ) -> Reply {
+        let queue = self.relay.runner.queue();
+        let mut incoming = match Incoming::create(queue).await {
+            Ok(m) => m,
+            Err(e) => return store_failed(&e),
+        };
+        let id = incoming.id().clone();
         let received = self.received(conn, hello, &id);
         let written = async {
             use tokio::io::AsyncWriteExt as _;
@@ -232,7 +252,11 @@ impl Session {
             id: id.clone(),
             reverse_path: tx.reverse_path.to_string(),
             smtputf8: tx.smtputf8,
-            origin: Origin::Submission,
+            origin: if self.internal {
+                Origin::Reinject
+            } else {
+                Origin::Submission
+            },
             queued_ms: now_millis(),
             conn: self.id.to_string(),
             client_ip: conn.peer.ip().to_string(),
@@ -247,7 +271,9 @@ impl Session {
         };
         match incoming.commit(queue, envelope).await {
             Ok(()) => {
-                self.relay.hourly.record(&user);
+                if !user.is_empty() {
+                    self.relay.hourly.record(user);
+                }
                 tracing::info!(queue_id = %id, user, rcpts, size, dkim = !signature.is_empty(), "queued");
                 self.relay.runner.schedule(id.clone(), 0);
                 Reply::ok(250, "2.0.0", format!("queued as {id}"))
@@ -258,10 +284,11 @@ impl Session {
 
     /// Our trace header (RFC 5321 §4.4; `ESMTPSA`, RFC 3848: authenticated over TLS).
     fn received(&self, conn: &Client, hello: &Hello, id: &common::queue::QueueId) -> String {
-        let protocol = match (hello.is_esmtp, conn.tls.is_some()) {
-            (false, _) => "SMTP",
-            (true, false) => "ESMTPA",
-            (true, true) => "ESMTPSA",
+        let protocol = match (hello.is_esmtp, conn.tls.is_some(), self.internal) {
+            (false, _, _) => "SMTP",
+            (true, _, true) => "ESMTP",
+            (true, false, false) => "ESMTPA",
+            (true, true, false) => "ESMTPSA",
         };
         let tls = conn
             .tls

@@ -32,8 +32,12 @@ impl Session {
             }
         };
         let refuse = |hello, reply| (State::Greeted(hello), reply, Flow::Continue);
-        let Some(user) = self.user.clone() else {
-            return refuse(hello, Reply::perm(530, "5.7.0", "authentication required"));
+        let user = match (self.user.clone(), self.internal) {
+            (Some(user), _) => user,
+            (None, true) => String::new(),
+            (None, false) => {
+                return refuse(hello, Reply::perm(530, "5.7.0", "authentication required"));
+            }
         };
         if from.flags & (MAIL_BODY_BINARYMIME | MAIL_REQUIRETLS) != 0 {
             return refuse(hello, Reply::perm(555, "5.5.4", "unsupported parameter"));
@@ -65,6 +69,8 @@ impl Session {
             }
         };
         let owned = match reverse_path.as_address() {
+            // A spool's bounces and forwards keep their original sender.
+            _ if self.internal => Ok(true),
             None => Ok(false),
             Some(a) => self.owns(&user, a).await,
         };
@@ -83,7 +89,7 @@ impl Session {
             }
             Err(e) => return refuse(hello, lookup_failed(&e)),
         }
-        if !self.relay.hourly.allows(&user) {
+        if !self.internal && !self.relay.hourly.allows(&user) {
             tracing::warn!(
                 user,
                 limit = self.relay.settings.messages_per_hour,

@@ -15,7 +15,7 @@ use common::smtp::server::{Command, Connection, Limits};
 use smtp_proto::Request;
 use tokio_util::sync::CancellationToken;
 
-use crate::{Relay, Settings};
+use crate::{Kind, Relay, Settings};
 
 /// Whether to go on after a handler.
 pub(crate) enum Flow {
@@ -65,6 +65,8 @@ pub(crate) struct Session {
     pub(crate) id: ConnId,
     /// The authenticated user (key form).
     pub(crate) user: Option<String>,
+    /// A spool on the internal listener: no AUTH, no sender checks.
+    pub(crate) internal: bool,
     errors: u32,
     pub(crate) auth_failures: u32,
 }
@@ -85,6 +87,7 @@ pub(crate) async fn run(
     relay: Arc<Relay>,
     mut conn: Connection,
     id: ConnId,
+    kind: Kind,
     shutdown: CancellationToken,
 ) {
     let host = relay.settings.shared.hostname.clone();
@@ -92,6 +95,7 @@ pub(crate) async fn run(
         relay,
         id,
         user: None,
+        internal: kind == Kind::Internal,
         errors: 0,
         auth_failures: 0,
     };
@@ -274,10 +278,10 @@ impl Session {
             "SMTPUTF8".to_owned(),
             "ENHANCEDSTATUSCODES".to_owned(),
         ];
-        if !conn.is_tls() {
+        if !conn.is_tls() && !self.internal {
             lines.push("STARTTLS".to_owned());
         }
-        if self.auth_allowed(conn) && self.user.is_none() {
+        if self.auth_allowed(conn) && self.user.is_none() && !self.internal {
             let names: Vec<&str> = Mechanism::ALL.iter().map(|m| m.as_str()).collect();
             lines.push(format!("AUTH {}", names.join(" ")));
         }

@@ -140,7 +140,16 @@ impl Session {
                         .await
                         .map_err(|e| lookup_failed(&e))?;
                     if targets.is_empty() && depth > 0 {
-                        // TODO(#6): remote alias targets go out through the relay.
+                        let domain = common::location::domain_of(&address).unwrap_or_default();
+                        let hosted = directory
+                            .is_hosted_domain(domain)
+                            .await
+                            .map_err(|e| lookup_failed(&e))?;
+                        if !hosted && self.spool.settings.relay.address().is_some() {
+                            // Forwarded outside, through the relay.
+                            out.push(address);
+                            continue;
+                        }
                         tracing::warn!(alias = %key, target = %address, "alias target is no hosted mailbox");
                     }
                     if depth >= MAX_ALIAS_DEPTH && !targets.is_empty() {
