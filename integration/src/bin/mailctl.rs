@@ -962,7 +962,10 @@ async fn dkim(settings: &PlatformSettings, cmd: DkimCmd) -> anyhow::Result<ExitC
 
 /// Where `mailctl filter` reads and writes the classifier's model by default.
 fn filter_model_path(settings: &PlatformSettings) -> PathBuf {
-    settings.shared.data_dir.join("filter").join("model.json")
+    match &settings.filter {
+        Some(f) => f.model.clone(),
+        None => settings.shared.data_dir.join("filter").join("model.json"),
+    }
 }
 
 /// `mailctl filter eval`'s figures at one threshold.
