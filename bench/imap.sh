@@ -55,6 +55,10 @@ imap = "127.0.0.1:${PB}144"
 pop3 = "127.0.0.1:${PB}111"
 [spool]
 enabled = false
+[relay]
+enabled = false
+[filter]
+enabled = false
 EOF
 DCONF=$DROOT/dovecot.conf
 mkdir -p "$DROOT"/{etc,run,state,log}

@@ -379,6 +379,10 @@ url = "sqlite:data/location.db"
 proxy_secret = "$SECRET"
 [spool]
 enabled = false
+[relay]
+enabled = false
+[filter]
+enabled = false
 CONF
 }
 { echo "filers = []"; common data-proxy; cat <<CONF
