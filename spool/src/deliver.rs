@@ -257,7 +257,9 @@ async fn to_relay(
         return vec![Outcome::retry(why.into()); recipients.len()];
     };
     let mut cs = ClientSettings::new(settings.shared.hostname.clone(), Protocol::Smtp);
-    cs.connect_timeout = settings.lmtp_timeout.min(std::time::Duration::from_secs(30));
+    cs.connect_timeout = settings
+        .lmtp_timeout
+        .min(std::time::Duration::from_secs(30));
     cs.command_timeout = settings.lmtp_timeout;
     cs.data_timeout = settings.lmtp_timeout;
     let mut client = match Client::connect(relay, &cs).await {

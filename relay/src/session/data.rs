@@ -163,7 +163,9 @@ impl Session {
         }
         if self.internal {
             // A spool's bounce or forward: queued as it is, unsigned (it is not ours).
-            return self.queue(conn, hello, tx, "", message, String::new()).await;
+            return self
+                .queue(conn, hello, tx, "", message, String::new())
+                .await;
         }
         let from = match headers.from {
             FromHeader::One(a) => a,
