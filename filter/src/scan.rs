@@ -470,16 +470,17 @@ pub(crate) fn verdict_headers(v: &Verdict, tag_score: f64) -> String {
     if spam {
         out.push_str("X-Spam-Flag: YES\r\n");
     }
-    let _ = write!(out, "X-Spam-Score: {:.2}\r\n", v.score);
+    // `+ 0.0` turns a negative zero into zero, so no "-0.00" is shown.
+    let _ = write!(out, "X-Spam-Score: {:.2}\r\n", v.score + 0.0);
     let tests: Vec<String> = v
         .reasons
         .iter()
-        .map(|(n, s)| format!("{n}={s:.2}"))
+        .map(|(n, s)| format!("{n}={:.2}", s + 0.0))
         .collect();
     let status = format!(
         "X-Spam-Status: {}, score={:.2} required={:.2} tests={}",
         if spam { "Yes" } else { "No" },
-        v.score,
+        v.score + 0.0,
         tag_score,
         if tests.is_empty() {
             "none".to_owned()
@@ -585,6 +586,14 @@ mod tests {
             auth_results: "Authentication-Results: h; none\r\n".into(),
         };
         let h = verdict_headers(&v, 5.0);
+        let zero = Verdict {
+            score: -0.0,
+            reasons: vec![("BAYES_50".into(), -0.0)],
+            action: Action::Pass,
+            auth_results: String::new(),
+        };
+        let z = verdict_headers(&zero, 5.0);
+        assert!(!z.contains("-0.00"), "{z}");
         assert!(h.contains("X-Spam-Flag: YES\r\n"));
         assert!(h.contains("X-Spam-Score: 7.50\r\n"));
         for line in h.split("\r\n") {
