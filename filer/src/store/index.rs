@@ -429,6 +429,141 @@ impl Index {
         })
     }
 
+    /// Makes folder `name` carry exactly the given UIDVALIDITY, SPECIAL-USE and subscription,
+    /// and a UIDNEXT of at least `uid_next` (a migration copying a folder from another filer).
+    /// A folder that exists with another UIDVALIDITY may only be changed while it is empty.
+    pub(super) fn import_folder(
+        &mut self,
+        name: &str,
+        uid_validity: u32,
+        uid_next: u32,
+        special: Option<&str>,
+        subscribed: bool,
+    ) -> Result<FolderInfo, StoreError> {
+        let dir = folder_dir(name);
+        let path = self.path.clone();
+        self.write(|tx| {
+            let err = |source| StoreError::Index {
+                path: path.clone(),
+                source,
+            };
+            let current: Option<(i64, i64)> = tx
+                .query_row(
+                    "SELECT id, uidvalidity FROM folders WHERE name = ?1",
+                    [name],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()
+                .map_err(err)?;
+            match current {
+                None => {
+                    tx.execute(
+                        "INSERT INTO folders (name, dir, uidvalidity, uidnext, special_use, subscribed)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                        params![name, dir, uid_validity, uid_next.max(1), special, subscribed],
+                    )
+                    .map_err(err)?;
+                }
+                Some((id, uv)) => {
+                    if uv != i64::from(uid_validity) {
+                        let count: i64 = tx
+                            .query_row("SELECT COUNT(*) FROM messages WHERE folder = ?1", [id], |r| {
+                                r.get(0)
+                            })
+                            .map_err(err)?;
+                        if count > 0 {
+                            return Err(StoreError::NotAllowed(
+                                "the folder holds messages under another UIDVALIDITY",
+                            ));
+                        }
+                        tx.execute("DELETE FROM expunged WHERE folder = ?1", [id])
+                            .map_err(err)?;
+                    }
+                    tx.execute(
+                        "UPDATE folders SET uidvalidity = ?2, uidnext = MAX(uidnext, ?3),
+                         special_use = ?4, subscribed = ?5 WHERE id = ?1",
+                        params![id, uid_validity, uid_next.max(1), special, subscribed],
+                    )
+                    .map_err(err)?;
+                }
+            }
+            Ok(())
+        })?;
+        self.folder(name)?
+            .ok_or_else(|| StoreError::NoFolder(name.to_owned()))
+    }
+
+    /// Inserts a message under the given UID (a migration), unless that UID is already there;
+    /// returns whether it was inserted. UIDNEXT stays above every UID.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn import_message(
+        &mut self,
+        folder: &str,
+        uid: u32,
+        file: &str,
+        size: u64,
+        internal_date: i64,
+        flags: &str,
+        guid: &str,
+    ) -> Result<bool, StoreError> {
+        let path = self.path.clone();
+        self.write(|tx| {
+            let err = |source| StoreError::Index {
+                path: path.clone(),
+                source,
+            };
+            let id = folder_id(tx, folder, &path)?;
+            let exists = tx
+                .query_row(
+                    "SELECT 1 FROM messages WHERE folder = ?1 AND uid = ?2",
+                    params![id, uid],
+                    |_| Ok(()),
+                )
+                .optional()
+                .map_err(err)?
+                .is_some();
+            if exists {
+                return Ok(false);
+            }
+            let modseq: i64 = tx
+                .query_row(
+                    "SELECT highestmodseq + 1 FROM folders WHERE id = ?1",
+                    [id],
+                    |r| r.get(0),
+                )
+                .map_err(err)?;
+            let size_i = i64::try_from(size).unwrap_or(i64::MAX);
+            tx.execute(
+                "INSERT INTO messages (folder, uid, file, size, internaldate, flags, modseq, guid)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![id, uid, file, size_i, internal_date, flags, modseq, guid],
+            )
+            .map_err(err)?;
+            tx.execute(
+                "UPDATE folders SET uidnext = MAX(uidnext, ?2), highestmodseq = ?3 WHERE id = ?1",
+                params![id, i64::from(uid) + 1, modseq],
+            )
+            .map_err(err)?;
+            tx.execute(
+                "UPDATE usage SET bytes = bytes + ?1, messages = messages + 1 WHERE id = 1",
+                [size_i],
+            )
+            .map_err(err)?;
+            Ok(true)
+        })
+    }
+
+    /// Whether `folder` holds a message with this UID.
+    pub(super) fn has_uid(&self, folder: &str, uid: u32) -> Result<bool, StoreError> {
+        self.conn
+            .prepare_cached(
+                "SELECT 1 FROM messages WHERE folder = (SELECT id FROM folders WHERE name = ?1) AND uid = ?2",
+            )
+            .and_then(|mut s| s.query_row(params![folder, uid], |_| Ok(())).optional())
+            .map(|o| o.is_some())
+            .map_err(self.err())
+    }
+
     pub(super) fn messages(&self, folder: &str) -> Result<Vec<MessageMeta>, StoreError> {
         self.conn
             .prepare_cached(&format!(

@@ -269,6 +269,72 @@ impl UserStore {
         }
     }
 
+    /// Makes folder `name` match a folder copied from another filer: its UIDVALIDITY,
+    /// SPECIAL-USE and subscription, and a UIDNEXT of at least `uid_next`. Blocking.
+    pub fn import_folder(
+        &self,
+        name: &str,
+        uid_validity: u32,
+        uid_next: u32,
+        special: Option<&str>,
+        subscribed: bool,
+    ) -> Result<FolderInfo, StoreError> {
+        let f = self
+            .index()
+            .import_folder(name, uid_validity, uid_next, special, subscribed)?;
+        maildir::create_tree(&self.dir.join(&f.dir))?;
+        Ok(f)
+    }
+
+    /// Stores a message copied from another filer under its own UID, flags and internal date,
+    /// durably (like [`deliver`](Self::deliver)); nothing happens if that UID is already
+    /// there, so a copy can be run again. Returns whether it was stored. Blocking.
+    pub fn import_message(
+        &self,
+        folder: &str,
+        uid: u32,
+        flags: &str,
+        internal_date: i64,
+        data: &[u8],
+    ) -> Result<bool, StoreError> {
+        let folder_dir = {
+            let ix = self.index();
+            let f = ix
+                .folder(folder)?
+                .ok_or_else(|| StoreError::NoFolder(folder.to_owned()))?;
+            if ix.has_uid(folder, uid)? {
+                return Ok(false);
+            }
+            f.dir
+        };
+        let fdir = self.dir.join(&folder_dir);
+        let file = maildir::write_durably(&fdir, &self.host, data)?;
+        let rel = join_rel(&folder_dir, &file);
+        let r = self.index().import_message(
+            folder,
+            uid,
+            &rel,
+            data.len() as u64,
+            internal_date,
+            flags,
+            &content_guid(data),
+        );
+        match r {
+            Ok(true) => {
+                self.notify(folder);
+                Ok(true)
+            }
+            Ok(false) => {
+                let _ = std::fs::remove_file(self.dir.join(&rel));
+                Ok(false)
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(self.dir.join(&rel));
+                Err(e)
+            }
+        }
+    }
+
     /// Subscribes to change notices (folder names).
     pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<String> {
         self.changes.subscribe()

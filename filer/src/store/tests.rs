@@ -245,3 +245,104 @@ fn concurrent_first_deliveries_to_one_mailbox_all_succeed() {
         assert!(u.path_of(&m).exists());
     }
 }
+
+#[test]
+fn imported_folders_and_messages_keep_their_uids_flags_and_dates() {
+    let (_d, s) = store();
+    let u = s.user("m@example.test", 1_700_000_000).unwrap();
+    // INBOX exists (made on open) with another UIDVALIDITY: it takes the source's.
+    let inbox = u.import_folder("INBOX", 424_242, 10, None, true).unwrap();
+    assert_eq!((inbox.uid_validity, inbox.uid_next), (424_242, 10));
+    let arch = u
+        .import_folder("Archive/2024", 99, 3, Some("\\Archive"), false)
+        .unwrap();
+    assert_eq!(
+        (
+            arch.uid_validity,
+            arch.special_use.as_deref(),
+            arch.subscribed
+        ),
+        (99, Some("\\Archive"), false)
+    );
+    assert!(
+        u.import_message(
+            "INBOX",
+            5,
+            "\\Seen",
+            1_600_000_000,
+            b"Subject: five\r\n\r\n5\r\n"
+        )
+        .unwrap()
+    );
+    assert!(
+        u.import_message(
+            "INBOX",
+            9,
+            "\\Flagged $Label1",
+            1_600_000_100,
+            b"Subject: nine\r\n\r\n9\r\n"
+        )
+        .unwrap()
+    );
+    assert!(
+        u.import_message(
+            "Archive/2024",
+            2,
+            "",
+            1_500_000_000,
+            b"Subject: old\r\n\r\nx\r\n"
+        )
+        .unwrap()
+    );
+    // Run again: nothing changes, nothing is written twice.
+    assert!(
+        !u.import_message(
+            "INBOX",
+            5,
+            "\\Seen",
+            1_600_000_000,
+            b"Subject: five\r\n\r\n5\r\n"
+        )
+        .unwrap()
+    );
+    let msgs = u.messages("INBOX").unwrap();
+    let got: Vec<(u32, &str, i64)> = msgs
+        .iter()
+        .map(|m| (m.uid, m.flags.as_str(), m.internal_date))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (5, "\\Seen", 1_600_000_000),
+            (9, "\\Flagged $Label1", 1_600_000_100)
+        ]
+    );
+    assert_eq!(
+        std::fs::read(u.path_of(&msgs[1])).unwrap(),
+        b"Subject: nine\r\n\r\n9\r\n"
+    );
+    // UIDNEXT stays what the source said (10), above every UID; the next delivery takes it.
+    assert_eq!(u.folder("INBOX").unwrap().unwrap().uid_next, 10);
+    assert_eq!(
+        u.deliver("INBOX", b"Subject: new\r\n\r\n", 0).unwrap().uid,
+        10
+    );
+    // A folder with messages keeps its UIDVALIDITY: a different one is refused.
+    assert!(u.import_folder("INBOX", 1, 1, None, true).is_err());
+    let files = std::fs::read_dir(s.root().join("example.test/m/cur"))
+        .unwrap()
+        .count();
+    assert_eq!(
+        files, 3,
+        "one file per message, none left by the second run"
+    );
+    assert_eq!(
+        u.usage().unwrap(),
+        u.messages("INBOX")
+            .unwrap()
+            .iter()
+            .chain(u.messages("Archive/2024").unwrap().iter())
+            .map(|m| m.size)
+            .sum::<u64>()
+    );
+}
