@@ -8,6 +8,7 @@
 
 mod imap;
 mod lmtp;
+pub mod migrate;
 mod pop3;
 mod settings;
 pub mod store;
