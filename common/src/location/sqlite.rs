@@ -124,22 +124,28 @@ impl Sqlite {
             source,
         };
         let mut conn = connect(path).map_err(sq)?;
-        let version: i64 = conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .map_err(sq)?;
-        if version > MIGRATIONS.len() as i64 {
-            return Err(OpenError::TooNew {
-                path: path.to_owned(),
-                found: version,
-                known: MIGRATIONS.len(),
-            });
-        }
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
+        // Each migration reads the version inside its own IMMEDIATE transaction, so two
+        // processes opening a new database at once (`mailctl up` and `mailctl status`) run
+        // each migration once: the second waits for the first and then sees it done.
+        loop {
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(sq)?;
+            let version: i64 = tx
+                .query_row("PRAGMA user_version", [], |r| r.get(0))
+                .map_err(sq)?;
+            if version > MIGRATIONS.len() as i64 {
+                return Err(OpenError::TooNew {
+                    path: path.to_owned(),
+                    found: version,
+                    known: MIGRATIONS.len(),
+                });
+            }
+            let Some(sql) = MIGRATIONS.get(version.max(0) as usize) else {
+                break;
+            };
             tx.execute_batch(sql).map_err(sq)?;
-            tx.pragma_update(None, "user_version", (i + 1) as i64)
+            tx.pragma_update(None, "user_version", version.max(0) + 1)
                 .map_err(sq)?;
             tx.commit().map_err(sq)?;
         }

@@ -234,3 +234,22 @@ async fn cache_keeps_answers_for_its_ttl() {
     cached.remove_domain("example.test").await.unwrap();
     assert!(!cached.is_hosted_domain("example.test").await.unwrap());
 }
+
+#[test]
+fn processes_opening_a_new_database_at_once_migrate_it_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("location.db");
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(6));
+    let threads: Vec<_> = (0..6)
+        .map(|_| {
+            let (path, barrier) = (path.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                Sqlite::open(&path).map(drop)
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap().unwrap();
+    }
+}
