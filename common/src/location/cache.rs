@@ -164,6 +164,10 @@ impl Directory for Cached {
         let r = self.inner.set_mailbox_state(address, s).await;
         self.changed(r).await
     }
+    async fn move_mailbox(&self, address: &str, from: &str, to: &str) -> Result<(), ChangeError> {
+        let r = self.inner.move_mailbox(address, from, to).await;
+        self.changed(r).await
+    }
     async fn set_quota(&self, address: &str, quota: u64) -> Result<(), ChangeError> {
         let r = self.inner.set_quota(address, quota).await;
         self.changed(r).await

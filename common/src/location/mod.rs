@@ -180,6 +180,9 @@ pub enum ChangeError {
     /// A value is not acceptable.
     #[error("{0}")]
     Invalid(String),
+    /// The row is not in the state the change expects (another change came first).
+    #[error("{0}")]
+    Conflict(String),
     /// The database failed.
     #[error("location database error: {0}")]
     Database(String),
@@ -218,6 +221,10 @@ pub trait Directory: Send + Sync {
     async fn set_credentials(&self, address: &str, c: Credentials) -> Result<(), ChangeError>;
     /// Sets a mailbox's state.
     async fn set_mailbox_state(&self, address: &str, s: MailboxState) -> Result<(), ChangeError>;
+    /// Ends a migration: if the mailbox is `moving` and on filer `from`, puts it on filer `to`
+    /// and makes it `active`, in one transaction; otherwise changes nothing and says why
+    /// ([`ChangeError::Conflict`]), so two operators cannot flip a mailbox twice.
+    async fn move_mailbox(&self, address: &str, from: &str, to: &str) -> Result<(), ChangeError>;
     /// Sets a mailbox's quota in bytes (0: unlimited).
     async fn set_quota(&self, address: &str, quota: u64) -> Result<(), ChangeError>;
     /// Removes a mailbox from the database (its mail stays on the filer).

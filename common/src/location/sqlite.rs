@@ -544,6 +544,40 @@ impl Directory for Sqlite {
         .await
     }
 
+    async fn move_mailbox(&self, address: &str, from: &str, to: &str) -> Result<(), ChangeError> {
+        let (a, from, to) = (address.to_owned(), from.to_owned(), to.to_owned());
+        self.change(move |tx| {
+            let current: Option<(String, String)> = tx
+                .query_row(
+                    "SELECT filer, state FROM mailboxes WHERE address = ?1",
+                    [&a],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            let Some((filer, state)) = current else {
+                return Ok(Err(ChangeError::NotFound(format!("mailbox {a}"))));
+            };
+            if filer != from || state != MailboxState::Moving.as_str() {
+                return Ok(Err(ChangeError::Conflict(format!(
+                    "mailbox {a} is {state} on {filer}, not moving on {from}"
+                ))));
+            }
+            let known = tx
+                .query_row("SELECT 1 FROM filers WHERE name = ?1", [&to], |_| Ok(()))
+                .optional()?
+                .is_some();
+            if !known {
+                return Ok(Err(ChangeError::UnknownFiler(to)));
+            }
+            tx.execute(
+                "UPDATE mailboxes SET filer = ?2, state = ?3 WHERE address = ?1",
+                params![a, to, MailboxState::Active.as_str()],
+            )?;
+            Ok(Ok(()))
+        })
+        .await
+    }
+
     async fn set_quota(&self, address: &str, quota: u64) -> Result<(), ChangeError> {
         let a = address.to_owned();
         let q = i64::try_from(quota).unwrap_or(i64::MAX);

@@ -253,3 +253,50 @@ fn processes_opening_a_new_database_at_once_migrate_it_once() {
         t.join().unwrap().unwrap();
     }
 }
+
+#[tokio::test]
+async fn a_migration_flips_only_a_moving_mailbox_on_the_expected_filer() {
+    let (_dir, db) = open();
+    db.add_filer(&filer("f1", 1)).await.unwrap();
+    db.add_filer(&filer("f2", 2)).await.unwrap();
+    db.add_domain("example.test").await.unwrap();
+    let m = db
+        .add_mailbox(NewMailbox {
+            filer: Some("f1".into()),
+            ..new_mailbox("a@example.test")
+        })
+        .await
+        .unwrap();
+    assert_eq!(m.filer, "f1");
+    // Not moving yet: refused, nothing changed.
+    assert!(matches!(
+        db.move_mailbox("a@example.test", "f1", "f2").await,
+        Err(ChangeError::Conflict(_))
+    ));
+    db.set_mailbox_state("a@example.test", MailboxState::Moving)
+        .await
+        .unwrap();
+    assert!(matches!(
+        db.move_mailbox("a@example.test", "f2", "f1").await,
+        Err(ChangeError::Conflict(_))
+    ));
+    assert_eq!(
+        db.move_mailbox("a@example.test", "f1", "nope").await,
+        Err(ChangeError::UnknownFiler("nope".into()))
+    );
+    db.move_mailbox("a@example.test", "f1", "f2").await.unwrap();
+    let after = db.mailbox("a@example.test").await.unwrap().unwrap();
+    assert_eq!(
+        (after.filer.as_str(), after.state),
+        ("f2", MailboxState::Active)
+    );
+    // A second flip finds it active on f2 and changes nothing.
+    assert!(matches!(
+        db.move_mailbox("a@example.test", "f1", "f2").await,
+        Err(ChangeError::Conflict(_))
+    ));
+    assert_eq!(
+        db.move_mailbox("b@example.test", "f1", "f2").await,
+        Err(ChangeError::NotFound("mailbox b@example.test".into()))
+    );
+}
