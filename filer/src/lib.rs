@@ -54,6 +54,34 @@ pub(crate) struct Filer {
     pub(crate) pop3_locks: pop3::Locks,
 }
 
+/// How often a logged-in IMAP or POP3 session checks that its mailbox is still served here
+/// (not being moved, not moved away, not disabled): the lookup cache's TTL, within bounds, so
+/// a migration ends the sessions on the old filer soon after it marks the mailbox.
+pub(crate) fn residency_check(settings: &Settings) -> std::time::Duration {
+    settings.shared.cache_ttl.clamp(
+        std::time::Duration::from_millis(250),
+        std::time::Duration::from_secs(5),
+    )
+}
+
+/// Why a session of `address` must end now, if it must: the mailbox is being moved, lives on
+/// another filer, is disabled or gone. A failed lookup ends nothing (the database may be
+/// briefly down; the sessions carry on).
+pub(crate) async fn not_served_here(filer: &Filer, address: &str) -> Option<&'static str> {
+    match filer.directory.mailbox(address).await {
+        Ok(Some(m)) if m.filer != filer.settings.name => Some("mailbox has moved, log in again"),
+        Ok(Some(m)) => match m.state {
+            common::location::MailboxState::Active => None,
+            common::location::MailboxState::Moving => {
+                Some("mailbox is being moved, log in again shortly")
+            }
+            common::location::MailboxState::Disabled => Some("mailbox disabled"),
+        },
+        Ok(None) => Some("mailbox removed"),
+        Err(_) => None,
+    }
+}
+
 /// Most concurrent LMTP sessions.
 const MAX_LMTP_SESSIONS: usize = 200;
 /// Most concurrent IMAP sessions (IDLE connections are long-lived).

@@ -59,6 +59,8 @@ fn try_lock(filer: &Arc<Filer>, address: &str) -> Option<LockGuard> {
 
 struct Maildrop {
     user: Arc<UserStore>,
+    /// The mailbox (key form), to check it is still served here.
+    address: String,
     uid_validity: u32,
     messages: Vec<MessageMeta>,
     deleted: Vec<bool>,
@@ -154,12 +156,25 @@ pub(crate) async fn session(filer: Arc<Filer>, stream: BoxStream, shutdown: Canc
     c.say(&format!("+OK {host} POP3 ready"));
     let mut drop: Option<Maildrop> = None;
     let (mut auth_failures, mut errors) = (0u32, 0u32);
+    let mut watch = tokio::time::interval(crate::residency_check(&filer.settings));
+    watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let input = tokio::select! {
             biased;
             _ = shutdown.cancelled() => {
                 c.say("-ERR [SYS/TEMP] server shutting down");
                 break;
+            }
+            _ = watch.tick(), if drop.is_some() => {
+                let address = drop.as_ref().map(|d| d.address.clone()).unwrap_or_default();
+                if let Some(why) = crate::not_served_here(&filer, &address).await {
+                    // Like a dropped connection: no UPDATE state, nothing is deleted.
+                    tracing::info!(why, "ending the session");
+                    c.say(&format!("-ERR [SYS/TEMP] {why}"));
+                    let _ = c.flush().await;
+                    return;
+                }
+                continue;
             }
             r = c.read_line() => r,
         };
@@ -322,6 +337,7 @@ async fn login(filer: &Arc<Filer>, response: &[u8]) -> Result<Maildrop, &'static
     let lock = try_lock(filer, &mailbox.address)
         .ok_or("-ERR [IN-USE] mailbox is locked by another session")?;
     let store = filer.store.clone();
+    let address = mailbox.address.clone();
     let opened = tokio::task::spawn_blocking(move || {
         let user = store.user(&mailbox.address, mailbox.uidvalidity_seed)?;
         let uv = user
@@ -338,6 +354,7 @@ async fn login(filer: &Arc<Filer>, response: &[u8]) -> Result<Maildrop, &'static
             let deleted = vec![false; messages.len()];
             Ok(Maildrop {
                 user,
+                address,
                 uid_validity,
                 messages,
                 deleted,

@@ -171,3 +171,57 @@ async fn a_mailbox_is_copied_with_its_uids_flags_and_folders_and_passes_are_incr
     assert_eq!(found.len(), 1, "{found:?}");
     assert!(found[0].what.contains("UID 4: flags"), "{found:?}");
 }
+
+#[tokio::test]
+async fn sessions_end_when_their_mailbox_starts_moving() {
+    let f = start(|s| s.cache_ttl = Duration::from_millis(100)).await;
+    let mut imap = Raw::login(f.imap, "b@example.test").await;
+    imap.cmd("SELECT INBOX").await;
+    imap.w.write_all(b"I IDLE\r\n").await.unwrap();
+    assert!(imap.line().await.starts_with('+'));
+    // POP3, logged in with the trusted login.
+    let (r, mut w) = TcpStream::connect(f.pop3).await.unwrap().into_split();
+    let mut pop = BufReader::new(r);
+    let mut l = String::new();
+    pop.read_line(&mut l).await.unwrap();
+    let token = base64::engine::general_purpose::STANDARD
+        .encode(format!("b@example.test\0proxy\0{SECRET}"));
+    w.write_all(format!("AUTH PLAIN {token}\r\n").as_bytes())
+        .await
+        .unwrap();
+    l.clear();
+    pop.read_line(&mut l).await.unwrap();
+    assert!(l.starts_with("+OK"), "{l}");
+
+    use common::location::Directory as _;
+    f.db.set_mailbox_state("b@example.test", common::location::MailboxState::Moving)
+        .await
+        .unwrap();
+    // Both sessions are told and closed within a few seconds (the check runs every 250 ms
+    // here), the IDLE one without sending anything.
+    let bye = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let l = imap.line().await;
+            if l.starts_with("* BYE") {
+                return l;
+            }
+        }
+    })
+    .await
+    .expect("BYE within 5 s");
+    assert!(
+        bye.contains("[UNAVAILABLE]") && bye.contains("moved"),
+        "{bye}"
+    );
+    l.clear();
+    tokio::time::timeout(Duration::from_secs(5), pop.read_line(&mut l))
+        .await
+        .expect("POP3 told within 5 s")
+        .unwrap();
+    assert!(
+        l.starts_with("-ERR [SYS/TEMP]") && l.contains("moved"),
+        "{l}"
+    );
+    l.clear();
+    assert_eq!(pop.read_line(&mut l).await.unwrap(), 0, "then closed");
+}

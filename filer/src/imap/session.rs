@@ -48,6 +48,8 @@ pub(super) const CAPABILITIES: &str = "IMAP4rev1 SASL-IR LITERAL+ ID ENABLE IDLE
 pub(super) struct User {
     pub(super) store: Arc<UserStore>,
     pub(super) quota: u64,
+    /// The mailbox (key form), to check it is still served here.
+    pub(super) address: String,
 }
 
 /// One message as the selected view knows it (sequence number = position + 1).
@@ -155,6 +157,8 @@ impl Session {
 
     async fn drive(&mut self, shutdown: CancellationToken) -> std::io::Result<()> {
         let mut buf = vec![0u8; 64 * 1024];
+        let mut watch = tokio::time::interval(crate::residency_check(&self.filer.settings));
+        watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // 1. Handle every complete message already received.
             while let Some(info) = self.frag.progress() {
@@ -189,6 +193,7 @@ impl Session {
                 AUTH_IDLE
             };
             let idling = matches!(self.mode, Mode::Idle { .. });
+            let resident = self.user().map(|u| u.address.clone());
             let changes = self.changes.as_mut();
             tokio::select! {
                 biased;
@@ -219,6 +224,15 @@ impl Session {
                 changed = recv(changes), if idling => {
                     if changed {
                         self.sync(true).await;
+                    }
+                }
+                _ = watch.tick(), if resident.is_some() => {
+                    let address = resident.unwrap_or_default();
+                    if let Some(why) = crate::not_served_here(&self.filer, &address).await {
+                        tracing::info!(why, "ending the session");
+                        self.line(&format!("* BYE [UNAVAILABLE] {why}"));
+                        self.flush().await?;
+                        return Ok(());
                     }
                 }
             }
@@ -651,6 +665,7 @@ impl Session {
                 self.state = State::Authenticated(Arc::new(User {
                     store: user,
                     quota: mailbox.quota,
+                    address: mailbox.address.clone(),
                 }));
                 self.line(&format!("{tag} OK [CAPABILITY {CAPABILITIES}] logged in"));
             }
