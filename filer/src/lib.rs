@@ -64,14 +64,25 @@ pub(crate) fn residency_check(settings: &Settings) -> std::time::Duration {
     )
 }
 
-/// Why a session of `address` must end now, if it must: the mailbox is being moved, lives on
-/// another filer, is disabled or gone. A failed lookup ends nothing (the database may be
-/// briefly down; the sessions carry on).
-pub(crate) async fn not_served_here(filer: &Filer, address: &str) -> Option<&'static str> {
+/// The principal a migration logs in with on the source filer (same secret as the proxy's):
+/// unlike the proxy's, its login is allowed while the mailbox is `moving`.
+pub fn migration_principal(proxy_principal: &str) -> String {
+    format!("{proxy_principal}+migrate")
+}
+
+/// Why a session of `address` must end now, if it must: the mailbox is being moved (unless
+/// the session is the migration's own), lives on another filer, is disabled or gone. A failed
+/// lookup ends nothing (the database may be briefly down; the sessions carry on).
+pub(crate) async fn not_served_here(
+    filer: &Filer,
+    address: &str,
+    migrator: bool,
+) -> Option<&'static str> {
     match filer.directory.mailbox(address).await {
         Ok(Some(m)) if m.filer != filer.settings.name => Some("mailbox has moved, log in again"),
         Ok(Some(m)) => match m.state {
             common::location::MailboxState::Active => None,
+            common::location::MailboxState::Moving if migrator => None,
             common::location::MailboxState::Moving => {
                 Some("mailbox is being moved, log in again shortly")
             }

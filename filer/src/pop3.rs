@@ -167,7 +167,7 @@ pub(crate) async fn session(filer: Arc<Filer>, stream: BoxStream, shutdown: Canc
             }
             _ = watch.tick(), if drop.is_some() => {
                 let address = drop.as_ref().map(|d| d.address.clone()).unwrap_or_default();
-                if let Some(why) = crate::not_served_here(&filer, &address).await {
+                if let Some(why) = crate::not_served_here(&filer, &address, false).await {
                     // Like a dropped connection: no UPDATE state, nothing is deleted.
                     tracing::info!(why, "ending the session");
                     c.say(&format!("-ERR [SYS/TEMP] {why}"));

@@ -37,8 +37,32 @@ impl Hourly {
         }
     }
 
+    /// Counts one message of `user` if the limit allows it, in one step (so parallel sessions
+    /// of one user cannot overshoot); false when it does not.
+    pub(crate) fn take(&self, user: &str) -> bool {
+        let now = Instant::now();
+        let mut sent = self.sent.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(times) = sent.get_mut(user) {
+            prune(times, now);
+            if times.len() >= self.per_hour {
+                return false;
+            }
+        }
+        drop(sent);
+        self.record(user);
+        true
+    }
+
+    /// Gives back a message counted by [`Hourly::take`] that was not queued after all.
+    pub(crate) fn give_back(&self, user: &str) {
+        let mut sent = self.sent.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(times) = sent.get_mut(user) {
+            times.pop_back();
+        }
+    }
+
     /// Counts one message of `user`.
-    pub(crate) fn record(&self, user: &str) {
+    fn record(&self, user: &str) {
         let now = Instant::now();
         let mut sent = self.sent.lock().unwrap_or_else(PoisonError::into_inner);
         if sent.len() >= MAX_USERS && !sent.contains_key(user) {
@@ -75,9 +99,12 @@ mod tests {
         let h = Hourly::new(3);
         for _ in 0..3 {
             assert!(h.allows("a@x.test"));
-            h.record("a@x.test");
+            assert!(h.take("a@x.test"));
         }
         assert!(!h.allows("a@x.test"));
+        assert!(!h.take("a@x.test"), "a fourth is refused, not counted");
+        h.give_back("a@x.test");
+        assert!(h.take("a@x.test"), "a message given back frees its slot");
         assert!(h.allows("b@x.test"), "per user");
         tokio::time::advance(Duration::from_secs(3599)).await;
         assert!(!h.allows("a@x.test"));

@@ -50,6 +50,8 @@ pub(super) struct User {
     pub(super) quota: u64,
     /// The mailbox (key form), to check it is still served here.
     pub(super) address: String,
+    /// Logged in by a migration (`<proxy principal>+migrate`): allowed while `moving`.
+    pub(super) migrator: bool,
 }
 
 /// One message as the selected view knows it (sequence number = position + 1).
@@ -193,7 +195,7 @@ impl Session {
                 AUTH_IDLE
             };
             let idling = matches!(self.mode, Mode::Idle { .. });
-            let resident = self.user().map(|u| u.address.clone());
+            let resident = self.user().map(|u| (u.address.clone(), u.migrator));
             let changes = self.changes.as_mut();
             tokio::select! {
                 biased;
@@ -227,8 +229,8 @@ impl Session {
                     }
                 }
                 _ = watch.tick(), if resident.is_some() => {
-                    let address = resident.unwrap_or_default();
-                    if let Some(why) = crate::not_served_here(&self.filer, &address).await {
+                    let (address, migrator) = resident.unwrap_or_default();
+                    if let Some(why) = crate::not_served_here(&self.filer, &address, migrator).await {
                         tracing::info!(why, "ending the session");
                         self.line(&format!("* BYE [UNAVAILABLE] {why}"));
                         self.flush().await?;
@@ -607,8 +609,9 @@ impl Session {
             ));
             return;
         };
-        let principal = self.filer.settings.shared.proxy_principal.as_bytes();
-        let ok = authc == principal
+        let proxy = &self.filer.settings.shared.proxy_principal;
+        let migrator = authc == crate::migration_principal(proxy).as_bytes();
+        let ok = (authc == proxy.as_bytes() || migrator)
             && crate::constant_time_eq(secret, self.filer.proxy_secret.as_bytes())
             && !authz.is_empty();
         if !ok {
@@ -644,6 +647,8 @@ impl Session {
         }
         match mailbox.state {
             MailboxState::Active => {}
+            // The migration reads the mailbox while it is held still.
+            MailboxState::Moving if migrator => {}
             MailboxState::Moving => {
                 self.line(&format!(
                     "{tag} NO [UNAVAILABLE] mailbox is being moved, try again shortly"
@@ -666,6 +671,7 @@ impl Session {
                     store: user,
                     quota: mailbox.quota,
                     address: mailbox.address.clone(),
+                    migrator,
                 }));
                 self.line(&format!("{tag} OK [CAPABILITY {CAPABILITIES}] logged in"));
             }

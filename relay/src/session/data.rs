@@ -217,8 +217,37 @@ impl Session {
         self.queue(conn, hello, tx, &user, content, signature).await
     }
 
-    /// Writes the entry (our `Received:`, the signature, the message), fsyncs, schedules it.
+    /// Queues the message if the user's hourly limit allows it.
     async fn queue(
+        &self,
+        conn: &Client,
+        hello: &Hello,
+        tx: Transaction,
+        user: &str,
+        content: Vec<u8>,
+        signature: String,
+    ) -> Reply {
+        // The hourly limit, counted in one step with the check, so parallel sessions of one
+        // user cannot go over it; given back if the message is not queued after all.
+        if !user.is_empty() && !self.relay.hourly.take(user) {
+            tracing::warn!(user, "hourly message limit reached");
+            return Reply::temp(
+                450,
+                "4.7.1",
+                "hourly message limit reached, try again later",
+            );
+        }
+        let reply = self
+            .write_entry(conn, hello, tx, user, content, signature)
+            .await;
+        if !user.is_empty() && !reply.is_positive() {
+            self.relay.hourly.give_back(user);
+        }
+        reply
+    }
+
+    /// Writes the entry (our `Received:`, the signature, the message), fsyncs, schedules it.
+    async fn write_entry(
         &self,
         conn: &Client,
         hello: &Hello,
@@ -273,9 +302,6 @@ impl Session {
         };
         match incoming.commit(queue, envelope).await {
             Ok(()) => {
-                if !user.is_empty() {
-                    self.relay.hourly.record(user);
-                }
                 tracing::info!(queue_id = %id, user, rcpts, size, dkim = !signature.is_empty(), "queued");
                 self.relay.runner.schedule(id.clone(), 0);
                 Reply::ok(250, "2.0.0", format!("queued as {id}"))
