@@ -32,7 +32,8 @@ pub struct Source {
     pub imap: SocketAddr,
     /// The mailbox (key form).
     pub user: String,
-    /// The trusted principal (`trust.proxy_principal`).
+    /// The trusted principal: [`crate::migration_principal`] of `trust.proxy_principal`,
+    /// whose login is allowed while the mailbox is `moving` (the proxy's is not).
     pub principal: String,
     /// Its secret.
     pub secret: String,

@@ -225,3 +225,27 @@ async fn sessions_end_when_their_mailbox_starts_moving() {
     l.clear();
     assert_eq!(pop.read_line(&mut l).await.unwrap(), 0, "then closed");
 }
+
+#[tokio::test]
+async fn only_the_migration_login_reads_a_mailbox_that_is_moving() {
+    let f = start(|_| {}).await;
+    let dest_dir = tempfile::tempdir().unwrap();
+    let dest_store = filer::store::Store::new(dest_dir.path().join("mail"), "dest.test");
+    let dest = dest_store.user("moving@example.test", 7).unwrap();
+    let source = |principal: &str| Source {
+        imap: f.imap,
+        user: "moving@example.test".into(),
+        principal: principal.into(),
+        secret: SECRET.into(),
+    };
+    let refused = sync_pass(&source("proxy"), dest.clone(), &|_| {}).await;
+    assert!(
+        refused.is_err(),
+        "the proxy's login is refused while moving"
+    );
+    let migrator = filer::migration_principal("proxy");
+    sync_pass(&source(&migrator), dest.clone(), &|_| {})
+        .await
+        .unwrap();
+    assert_eq!(verify(&source(&migrator), dest).await.unwrap(), vec![]);
+}
