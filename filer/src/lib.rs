@@ -79,10 +79,10 @@ pub(crate) async fn not_served_here(
     migrator: bool,
 ) -> Option<&'static str> {
     match filer.directory.mailbox(address).await {
+        Ok(Some(_)) if migrator => None,
         Ok(Some(m)) if m.filer != filer.settings.name => Some("mailbox has moved, log in again"),
         Ok(Some(m)) => match m.state {
             common::location::MailboxState::Active => None,
-            common::location::MailboxState::Moving if migrator => None,
             common::location::MailboxState::Moving => {
                 Some("mailbox is being moved, log in again shortly")
             }

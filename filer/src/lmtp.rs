@@ -409,6 +409,40 @@ async fn check_recipient(
     Ok(mailbox)
 }
 
+/// Why one recipient's delivery did not happen.
+enum Refusal {
+    /// Refused before writing, with this reply.
+    Reply(Reply),
+    /// The store failed.
+    Store(StoreError),
+}
+
+/// `None` when the mailbox is still active on this filer, by a fresh (uncached) lookup;
+/// otherwise the temporary reply for its recipient.
+async fn still_here(filer: &Filer, address: &str) -> Option<Reply> {
+    match filer.directory.mailbox_fresh(address).await {
+        Ok(Some(m)) if m.filer != filer.settings.name => Some(Reply::temp(
+            451,
+            "4.4.0",
+            format!("mailbox is not on this filer (it is on {})", m.filer),
+        )),
+        Ok(Some(m)) if m.state == MailboxState::Moving => Some(Reply::temp(
+            451,
+            "4.2.0",
+            "mailbox is being moved, try again later",
+        )),
+        Ok(_) => None,
+        Err(e) => {
+            tracing::warn!(error = %e, "location lookup failed");
+            Some(Reply::temp(
+                451,
+                "4.3.0",
+                "temporary lookup failure, try again later",
+            ))
+        }
+    }
+}
+
 /// Delivers the message to every recipient concurrently (their fsyncs share journal commits)
 /// and returns one reply per recipient, in order.
 async fn deliver(
@@ -426,6 +460,15 @@ async fn deliver(
     let body: Arc<[u8]> = Arc::from(body);
     let mut tasks = Vec::with_capacity(rcpts.len());
     for r in rcpts {
+        // The last check before the write, past every cache: a migration that marked the
+        // mailbox `moving` (or moved it away) since RCPT must not get a message here that its
+        // final copy would miss. The spool retries it, and delivers it after the move.
+        if let Some(reply) = still_here(filer, &r.mailbox.address).await {
+            tasks.push(tokio::task::spawn_blocking(move || {
+                Err(Refusal::Reply(reply))
+            }));
+            continue;
+        }
         let header = format!(
             "Return-Path: <{reverse_path}>\r\nReceived: from {lhlo} ({peer})\r\n\tby {host} (filer {name}) with LMTP id {id}\r\n\tfor <{rcpt}>; {date}\r\n",
             lhlo = sanitize(lhlo),
@@ -441,8 +484,9 @@ async fn deliver(
             data.extend_from_slice(header.as_bytes());
             data.extend_from_slice(&body);
             store
-                .user(&m.address, m.uidvalidity_seed)?
-                .deliver(folder, &data, m.quota)
+                .user(&m.address, m.uidvalidity_seed)
+                .and_then(|u| u.deliver(folder, &data, m.quota))
+                .map_err(Refusal::Store)
         }));
     }
     let mut replies = Vec::with_capacity(rcpts.len());
@@ -456,7 +500,8 @@ async fn deliver(
                     format!("<{}> delivered, uid {}", r.mailbox.address, d.uid),
                 )
             }
-            Ok(Err(StoreError::QuotaExceeded { .. })) => {
+            Ok(Err(Refusal::Reply(reply))) => reply,
+            Ok(Err(Refusal::Store(StoreError::QuotaExceeded { .. }))) => {
                 tracing::info!(rcpt = %r.mailbox.address, "over quota");
                 Reply::temp(
                     452,
@@ -464,7 +509,7 @@ async fn deliver(
                     format!("<{}> mailbox full", r.mailbox.address),
                 )
             }
-            Ok(Err(e)) => {
+            Ok(Err(Refusal::Store(e))) => {
                 tracing::error!(rcpt = %r.mailbox.address, error = %e, "delivery failed");
                 Reply::temp(451, "4.3.0", "local error in processing, try again later")
             }

@@ -120,6 +120,9 @@ impl Directory for Cached {
         self.cached(&self.mailboxes, address, self.inner.mailbox(address))
             .await
     }
+    async fn mailbox_fresh(&self, address: &str) -> Result<Option<Mailbox>, LookupError> {
+        self.inner.mailbox_fresh(address).await
+    }
     async fn alias_targets(&self, address: &str) -> Result<Vec<String>, LookupError> {
         self.cached(&self.aliases, address, self.inner.alias_targets(address))
             .await

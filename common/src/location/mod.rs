@@ -196,6 +196,11 @@ pub trait Directory: Send + Sync {
     async fn is_hosted_domain(&self, domain: &str) -> Result<bool, LookupError>;
     /// The mailbox with this address.
     async fn mailbox(&self, address: &str) -> Result<Option<Mailbox>, LookupError>;
+    /// The mailbox as the database has it now, bypassing any cache: for the last check before
+    /// a delivery is committed, which must see a migration's `moving` at once.
+    async fn mailbox_fresh(&self, address: &str) -> Result<Option<Mailbox>, LookupError> {
+        self.mailbox(address).await
+    }
     /// The targets of the alias `address` (empty when it is no alias).
     async fn alias_targets(&self, address: &str) -> Result<Vec<String>, LookupError>;
     /// The filer of this name.

@@ -639,7 +639,8 @@ impl Session {
                 return;
             }
         };
-        if mailbox.filer != self.filer.settings.name {
+        // The migration may read the old copy after the flip too (its last sweep).
+        if mailbox.filer != self.filer.settings.name && !migrator {
             self.line(&format!(
                 "{tag} NO [UNAVAILABLE] mailbox is not on this server"
             ));
