@@ -479,3 +479,58 @@ pub async fn verify(source: &Source, dest: Arc<UserStore>) -> Result<Vec<Mismatc
     let _ = within(session.logout()).await;
     Ok(out)
 }
+
+/// After the flip: copies into `dest`, as new messages (new UIDs there), what the source's
+/// folders hold at or above the UIDNEXT `known` had for them when the copies were verified, i.e.
+/// a delivery that was being written to the old copy across the flip. Returns how many.
+pub async fn sweep(
+    source: &Source,
+    dest: Arc<UserStore>,
+    known: &HashMap<String, u32>,
+) -> Result<u64, MigrateError> {
+    let mut session = connect(source).await?;
+    let mut swept = 0;
+    for folder in folders(&mut session).await? {
+        let mailbox = within(session.examine(&folder.name))
+            .await?
+            .map_err(imap_err)?;
+        let from = known.get(&folder.name).copied().unwrap_or(1);
+        if mailbox.uid_next.is_some_and(|n| n <= from) {
+            continue;
+        }
+        let listing = listing(&mut session, mailbox.exists).await?;
+        let late: Vec<u32> = listing.keys().filter(|u| **u >= from).copied().collect();
+        for chunk in late.chunks(BATCH) {
+            let set = chunk
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(",");
+            let fetches = within(async {
+                let stream = session
+                    .uid_fetch(&set, "(UID FLAGS INTERNALDATE BODY.PEEK[])")
+                    .await
+                    .map_err(imap_err)?;
+                let v: Vec<_> = stream.try_collect().await.map_err(imap_err)?;
+                Ok::<_, MigrateError>(v)
+            })
+            .await??;
+            for f in fetches {
+                let Some(body) = f.body() else { continue };
+                let flags = flag_string(f.flags());
+                let date = f.internal_date().map_or(0, |d| d.timestamp());
+                let (d, name, data) = (dest.clone(), folder.name.clone(), body.to_vec());
+                blocking(move || {
+                    if d.folder(&name)?.is_none() {
+                        d.create_folder(&name)?;
+                    }
+                    d.append(&name, &data, &flags, date, 0)
+                })
+                .await?;
+                swept += 1;
+            }
+        }
+    }
+    let _ = within(session.logout()).await;
+    Ok(swept)
+}

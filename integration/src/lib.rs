@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod migrate;
 pub mod platform;
 pub mod queue;
 pub mod runfile;

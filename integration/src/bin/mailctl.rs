@@ -65,6 +65,18 @@ enum Command {
     /// DKIM signing keys of the relay.
     #[command(subcommand)]
     Dkim(DkimCmd),
+    /// Move a mailbox to another filer while mail keeps arriving and its users stay connected.
+    /// Runs on the destination filer's host; the old copy stays until purged.
+    Migrate {
+        /// The mailbox.
+        address: String,
+        /// The filer to move it to.
+        #[arg(long)]
+        to: String,
+        /// Print the summary as JSON (no progress bar).
+        #[arg(long)]
+        json: bool,
+    },
     /// The filter's statistical spam classifier.
     #[command(subcommand)]
     Filter(FilterCmd),
@@ -345,8 +357,64 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Filer(c) => filer(&settings, c).await,
         Command::Queue(c) => tokio::task::spawn_blocking(move || queue_cmd(&settings, c)).await?,
         Command::Dkim(c) => dkim(&settings, c).await,
+        Command::Migrate { address, to, json } => migrate_cmd(&settings, &address, &to, json).await,
         Command::Filter(c) => tokio::task::spawn_blocking(move || filter_cmd(&settings, c)).await?,
     }
+}
+
+async fn migrate_cmd(
+    settings: &PlatformSettings,
+    address: &str,
+    to: &str,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    // Past any cache: the migration reads and flips the location as it is now.
+    let db: Arc<dyn Directory> = Arc::new(platform::open_directory(settings).await?);
+    let bar = if json || !std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg:>10} [{bar:30}] {pos}/{len} messages, {prefix} copied, {elapsed}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    };
+    let progress = |phase: &str, r: &filer::migrate::PassReport| {
+        bar.set_message(phase.to_owned());
+        bar.set_length(r.messages.max(r.copied));
+        bar.set_position(r.copied);
+        bar.set_prefix(ByteSize(r.copied_bytes).to_string());
+    };
+    let result = integration::migrate::migrate(settings, db, address, to, &progress).await;
+    bar.finish_and_clear();
+    let summary = result?;
+    if json {
+        out!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        out!(
+            "moved {} from {} to {}: {} messages ({}), {} copied; moving for {:.1} s, {:.1} s in all{}",
+            summary.address,
+            summary.from,
+            summary.to,
+            summary.messages,
+            ByteSize(summary.bytes),
+            summary.copied,
+            summary.moving_ms as f64 / 1000.0,
+            summary.total_ms as f64 / 1000.0,
+            if summary.swept > 0 {
+                format!(
+                    "; {} late message(s) swept from the old copy",
+                    summary.swept
+                )
+            } else {
+                String::new()
+            }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn up(settings: PlatformSettings) -> anyhow::Result<ExitCode> {

@@ -5,6 +5,7 @@ mod access;
 mod filer;
 mod filter;
 mod mailctl;
+mod migrate;
 mod relay;
 mod spool;
 mod support;
