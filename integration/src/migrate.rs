@@ -10,7 +10,7 @@
 //! 2. **Hold**: the mailbox is marked `moving`. Spools keep its deliveries in their queues, the
 //!    proxy answers the temporary-failure code, the source filer ends its sessions and refuses
 //!    LMTP for it (checking the database past its cache right before each write). The tool waits
-//!    one cache TTL (and a second) so every service has seen it.
+//!    two cache TTLs (at least one TTL and 200 ms) so every service has seen it.
 //! 3. **Final copy and verify** (UIDVALIDITY, the UID list, flags and a content hash per folder),
 //!    up to three rounds until both sides match; otherwise the mailbox goes back to `active` on
 //!    the source and the tool fails, having changed nothing the user can see.
@@ -124,7 +124,7 @@ pub async fn migrate(
     }
     let moving_since = tokio::time::Instant::now();
     // Every service sees `moving` within one cache TTL; sessions on the old filer end then.
-    tokio::time::sleep(settings.shared.cache_ttl + Duration::from_secs(1)).await;
+    tokio::time::sleep(settle(settings)).await;
     let mut last = PassReport::default();
     let mut matched = false;
     for round in 1..=3 {
@@ -166,7 +166,7 @@ pub async fn migrate(
         .context("flipping the location")?;
     let moving_ms = u64::try_from(moving_since.elapsed().as_millis()).unwrap_or(u64::MAX);
     // A delivery whose write was in flight across the flip may have reached the old copy.
-    tokio::time::sleep(settings.shared.cache_ttl + Duration::from_secs(1)).await;
+    tokio::time::sleep(settle(settings)).await;
     let swept = sweep(&source, dest_store.clone(), &known)
         .await
         .unwrap_or_else(|e| {
@@ -186,6 +186,13 @@ pub async fn migrate(
     })
 }
 
+/// How long a change of the location takes to be seen everywhere: one cache TTL, and as much
+/// again (at least 200 ms) for a write that was already under way.
+fn settle(settings: &PlatformSettings) -> Duration {
+    let ttl = settings.shared.cache_ttl;
+    ttl + ttl.max(Duration::from_millis(200))
+}
+
 /// Back to `active` on the old filer after a failure before the flip.
 async fn release(db: &dyn Directory, address: &str) {
     if let Err(e) = db.set_mailbox_state(address, MailboxState::Active).await {
@@ -200,4 +207,171 @@ async fn sweep(
     known: &std::collections::HashMap<String, u32>,
 ) -> anyhow::Result<u64> {
     Ok(filer::migrate::sweep(source, dest, known).await?)
+}
+
+/// What `mailctl filer drain` or `rebalance` did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Moves {
+    /// Each mailbox moved.
+    pub moved: Vec<Summary>,
+    /// Mailboxes that could not be moved, with why.
+    pub failed: Vec<(String, String)>,
+}
+
+/// Where the next mailbox goes: the filer with the most free weight (the lowest
+/// (mailboxes + 1) / weight) among those up, with a weight, running on this host, other than
+/// `except`; counts are updated as moves are planned.
+fn pick(counts: &mut [(String, u32, u64)], except: &str) -> Option<String> {
+    let best = counts
+        .iter_mut()
+        .filter(|(name, weight, _)| name != except && *weight > 0)
+        .min_by(|a, b| {
+            let fa = (a.2 + 1) as f64 / f64::from(a.1);
+            let fb = (b.2 + 1) as f64 / f64::from(b.1);
+            fa.total_cmp(&fb).then_with(|| a.0.cmp(&b.0))
+        })?;
+    best.2 += 1;
+    Some(best.0.clone())
+}
+
+/// The filers a mailbox may move to from here: up, with a weight, and configured on this host.
+async fn targets(
+    settings: &PlatformSettings,
+    db: &dyn Directory,
+) -> anyhow::Result<Vec<(String, u32, u64)>> {
+    Ok(db
+        .filers()
+        .await?
+        .into_iter()
+        .filter(|u| {
+            u.filer.state == common::location::FilerState::Up
+                && settings.filers.iter().any(|f| f.name == u.filer.name)
+        })
+        .map(|u| (u.filer.name, u.filer.weight, u.mailboxes))
+        .collect())
+}
+
+/// Runs the planned moves, `parallel` at a time.
+async fn run_moves(
+    settings: &Arc<PlatformSettings>,
+    db: &Arc<dyn Directory>,
+    plan: Vec<(String, String)>,
+    parallel: usize,
+    report: &(dyn Fn(&Result<Summary, String>) + Send + Sync),
+) -> Moves {
+    let mut moves = Moves::default();
+    let mut set = tokio::task::JoinSet::new();
+    let mut pending = plan.into_iter();
+    loop {
+        while set.len() < parallel.max(1) {
+            let Some((address, to)) = pending.next() else {
+                break;
+            };
+            let (settings, db) = (settings.clone(), db.clone());
+            set.spawn(async move {
+                let r = migrate(&settings, db, &address, &to, &|_, _| {})
+                    .await
+                    .map_err(|e| format!("{e:#}"));
+                (address, r)
+            });
+        }
+        let Some(joined) = set.join_next().await else {
+            break;
+        };
+        let Ok((address, r)) = joined else { continue };
+        report(&r);
+        match r {
+            Ok(s) => moves.moved.push(s),
+            Err(e) => moves.failed.push((address, e)),
+        }
+    }
+    moves
+}
+
+/// `mailctl filer drain`: marks `filer` draining (no new mailboxes) and moves each of its
+/// mailboxes to the others by placement, `parallel` at a time.
+pub async fn drain(
+    settings: &Arc<PlatformSettings>,
+    db: Arc<dyn Directory>,
+    filer: &str,
+    parallel: usize,
+    report: &(dyn Fn(&Result<Summary, String>) + Send + Sync),
+) -> anyhow::Result<Moves> {
+    if db.filer(filer).await?.is_none() {
+        bail!("no filer {filer}");
+    }
+    db.set_filer_state(filer, common::location::FilerState::Draining)
+        .await?;
+    let mut counts = targets(settings, db.as_ref()).await?;
+    if !counts.iter().any(|(n, w, _)| n != filer && *w > 0) {
+        bail!("no other filer that is up, weighted and runs on this host to drain {filer} into");
+    }
+    let mut plan = Vec::new();
+    for m in db.mailboxes(None).await? {
+        if m.filer != filer {
+            continue;
+        }
+        if let Some(to) = pick(&mut counts, filer) {
+            plan.push((m.address, to));
+        }
+    }
+    Ok(run_moves(settings, &db, plan, parallel, report).await)
+}
+
+/// `mailctl filer rebalance`: moves mailboxes from the filers most above their share (by
+/// weight) to those most below, until every filer is within `tolerance` (a fraction) of its
+/// share, or one mailbox of it.
+pub async fn rebalance(
+    settings: &Arc<PlatformSettings>,
+    db: Arc<dyn Directory>,
+    tolerance: f64,
+    parallel: usize,
+    report: &(dyn Fn(&Result<Summary, String>) + Send + Sync),
+) -> anyhow::Result<Moves> {
+    let mut counts = targets(settings, db.as_ref()).await?;
+    counts.retain(|(_, w, _)| *w > 0);
+    let total: u64 = counts.iter().map(|c| c.2).sum();
+    let weights: u64 = counts.iter().map(|c| u64::from(c.1)).sum();
+    if weights == 0 {
+        return Ok(Moves::default());
+    }
+    let share = |w: u32| total as f64 * f64::from(w) / weights as f64;
+    let mut mailboxes: std::collections::HashMap<String, Vec<String>> = Default::default();
+    for m in db.mailboxes(None).await? {
+        if m.state == MailboxState::Active {
+            mailboxes
+                .entry(m.filer.clone())
+                .or_default()
+                .push(m.address);
+        }
+    }
+    let mut plan = Vec::new();
+    loop {
+        let over = counts
+            .iter()
+            .map(|(n, w, c)| (n.clone(), *c as f64 - share(*w), share(*w)))
+            .max_by(|a, b| a.1.total_cmp(&b.1));
+        let under = counts
+            .iter()
+            .map(|(n, w, c)| (n.clone(), *c as f64 - share(*w)))
+            .min_by(|a, b| a.1.total_cmp(&b.1));
+        let (Some((from, excess, target)), Some((to, _))) = (over, under) else {
+            break;
+        };
+        if excess <= (tolerance * target).max(1.0) || from == to {
+            break;
+        }
+        let Some(address) = mailboxes.get_mut(&from).and_then(Vec::pop) else {
+            break;
+        };
+        for c in &mut counts {
+            if c.0 == from {
+                c.2 -= 1;
+            } else if c.0 == to {
+                c.2 += 1;
+            }
+        }
+        plan.push((address, to));
+    }
+    Ok(run_moves(settings, &db, plan, parallel, report).await)
 }

@@ -218,6 +218,27 @@ enum FilerCmd {
         #[arg(value_parser = ["up", "draining", "down"])]
         state: String,
     },
+    /// Mark a filer draining and move every mailbox on it to the others, by placement.
+    /// Runs where the other filers' mail is.
+    Drain {
+        name: String,
+        /// Migrations at once.
+        #[arg(long, default_value_t = 4)]
+        parallel: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move mailboxes until every filer holds its share by weight, within a tolerance.
+    Rebalance {
+        /// Allowed distance from a filer's share, as a fraction of it.
+        #[arg(long, default_value_t = 0.1)]
+        tolerance: f64,
+        /// Migrations at once.
+        #[arg(long, default_value_t = 4)]
+        parallel: usize,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -899,9 +920,70 @@ async fn alias(settings: &PlatformSettings, cmd: AliasCmd) -> anyhow::Result<Exi
     Ok(ExitCode::SUCCESS)
 }
 
+/// What `filer drain` and `filer rebalance` do.
+enum MoveOp {
+    Drain(String),
+    Rebalance(f64),
+}
+
+async fn moves_cmd(
+    settings: &PlatformSettings,
+    op: MoveOp,
+    parallel: usize,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    // Past any cache: the migrations read and flip the location as it is now.
+    let db: Arc<dyn Directory> = Arc::new(platform::open_directory(settings).await?);
+    let shared = Arc::new(settings.clone());
+    let report = |r: &Result<integration::migrate::Summary, String>| {
+        if json {
+            return;
+        }
+        match r {
+            Ok(s) => out!(
+                "moved {} from {} to {} ({} messages, moving {:.1} s)",
+                s.address,
+                s.from,
+                s.to,
+                s.messages,
+                s.moving_ms as f64 / 1000.0
+            ),
+            Err(e) => eprintln!("mailctl: {e}"),
+        }
+    };
+    let moves = match op {
+        MoveOp::Drain(name) => {
+            integration::migrate::drain(&shared, db, &name, parallel, &report).await?
+        }
+        MoveOp::Rebalance(tolerance) => {
+            integration::migrate::rebalance(&shared, db, tolerance, parallel, &report).await?
+        }
+    };
+    if json {
+        out!("{}", serde_json::to_string_pretty(&moves)?);
+    } else {
+        out!("{} moved, {} failed", moves.moved.len(), moves.failed.len());
+    }
+    Ok(if moves.failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
 async fn filer(settings: &PlatformSettings, cmd: FilerCmd) -> anyhow::Result<ExitCode> {
     let db = open(settings).await?;
     match cmd {
+        FilerCmd::Drain {
+            name,
+            parallel,
+            json,
+        } => return moves_cmd(settings, MoveOp::Drain(name), parallel, json).await,
+        FilerCmd::Rebalance {
+            tolerance,
+            parallel,
+            json,
+        } => return moves_cmd(settings, MoveOp::Rebalance(tolerance), parallel, json).await,
         FilerCmd::Add {
             name,
             lmtp,

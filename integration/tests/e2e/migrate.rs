@@ -1,4 +1,5 @@
 //! `mailctl migrate`: a mailbox moves from filer1 to filer2 while a sender keeps submitting to it
+//! (200 messages)
 //! and an IMAP client idles on it through the proxy. Every message that got a `250` ends up in
 //! the new Maildir exactly once; UIDVALIDITY, UIDs, flags and POP3 UIDLs of the old messages are
 //! unchanged.
@@ -166,15 +167,15 @@ async fn a_mailbox_moves_while_mail_arrives_and_a_client_idles() {
         }
     }
 
-    // 100 more messages while the migration runs.
+    // 200 more messages while the migration runs.
     let sender = tokio::spawn(async move {
         let mut acknowledged = Vec::new();
-        for i in 0..100 {
+        for i in 0..200 {
             let subject = format!("during {i:03}");
             if send(spool, &subject).await {
                 acknowledged.push(subject);
             }
-            tokio::time::sleep(Duration::from_millis(20)).await; // a steady trickle, not sync
+            tokio::time::sleep(Duration::from_millis(10)).await; // a steady trickle, not sync
         }
         acknowledged
     });
@@ -201,7 +202,7 @@ async fn a_mailbox_moves_while_mail_arrives_and_a_client_idles() {
     assert!(summary["copied"].as_u64().unwrap() >= 20, "{summary}");
     assert!(summary["moving_ms"].as_u64().unwrap() < 10_000, "{summary}");
     let acknowledged = sender.await.unwrap();
-    assert!(acknowledged.len() >= 90, "{}", acknowledged.len());
+    assert!(acknowledged.len() >= 180, "{}", acknowledged.len());
 
     // The idling client was told and disconnected (by the old filer, through the proxy).
     let ended = tokio::time::timeout(Duration::from_secs(10), async {
@@ -244,4 +245,101 @@ async fn a_mailbox_moves_while_mail_arrives_and_a_client_idles() {
     assert_eq!(uidl_after.len(), want.len());
     // The old copy stays on filer1 until it is purged.
     assert!(maildir(&d.join("data/filers/filer1"), "a@example.test").len() >= 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_a_filer_moves_its_fifty_mailboxes_to_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let config = format!(
+        "{EPHEMERAL_CONFIG}\n[[filers]]\nname = \"filer3\"\nlmtp = \"127.0.0.1:0\"\nimap = \"127.0.0.1:0\"\npop3 = \"127.0.0.1:0\"\n"
+    );
+    std::fs::write(d.join("mail.toml"), config).unwrap();
+    ok(
+        d,
+        &["-c", "mail.toml", "domain", "add", "example.test"],
+        None,
+    );
+    let up = Up::start(d, "mail.toml");
+    // Every mailbox on filer1 to start with.
+    for f in ["filer2", "filer3"] {
+        ok(
+            d,
+            &["-c", "mail.toml", "filer", "set-state", f, "draining"],
+            None,
+        );
+    }
+    let users: String = (0..50)
+        .map(|i| format!("u{i:02}@example.test pw\n"))
+        .collect();
+    ok(d, &["-c", "mail.toml", "user", "import"], Some(&users));
+    for f in ["filer2", "filer3"] {
+        ok(d, &["-c", "mail.toml", "filer", "set-state", f, "up"], None);
+    }
+    // Two messages each, over LMTP straight into filer1.
+    let lmtp = up.addr("filer1", "lmtp");
+    let mut c = Client::connect(lmtp, &ClientSettings::new("test", Protocol::Lmtp))
+        .await
+        .unwrap();
+    for n in 0..2 {
+        let rcpts: Vec<String> = (0..50).map(|i| format!("u{i:02}@example.test")).collect();
+        let replies = c
+            .send(
+                "s@remote.test",
+                &rcpts,
+                format!("Subject: m{n}\r\n\r\nhello\r\n").as_bytes(),
+            )
+            .await
+            .unwrap();
+        assert!(replies.iter().all(|r| r.is_positive()), "{replies:?}");
+    }
+    c.quit().await;
+
+    let out = ok(
+        d,
+        &[
+            "-c",
+            "mail.toml",
+            "filer",
+            "drain",
+            "filer1",
+            "--parallel",
+            "8",
+            "--json",
+        ],
+        None,
+    );
+    let moves: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(moves["moved"].as_array().unwrap().len(), 50, "{moves}");
+    assert!(moves["failed"].as_array().unwrap().is_empty(), "{moves}");
+
+    let list: serde_json::Value =
+        serde_json::from_str(&ok(d, &["-c", "mail.toml", "user", "list", "--json"], None)).unwrap();
+    let mut per_filer = BTreeMap::new();
+    for m in list.as_array().unwrap() {
+        let (addr, filer) = (m["address"].as_str().unwrap(), m["filer"].as_str().unwrap());
+        assert_ne!(filer, "filer1", "{addr} still on filer1");
+        assert_eq!(m["state"], "active", "{addr}");
+        *per_filer.entry(filer.to_owned()).or_insert(0) += 1;
+        let got = maildir(&d.join("data/filers").join(filer), addr);
+        assert_eq!(got.len(), 2, "{addr} on {filer}");
+    }
+    assert_eq!(per_filer.values().sum::<i32>(), 50);
+    assert!(
+        per_filer.values().all(|n| *n >= 20),
+        "spread by weight: {per_filer:?}"
+    );
+    let filers: serde_json::Value = serde_json::from_str(&ok(
+        d,
+        &["-c", "mail.toml", "filer", "list", "--json"],
+        None,
+    ))
+    .unwrap();
+    let f1 = filers
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"] == "filer1")
+        .unwrap();
+    assert_eq!(f1["state"], "draining");
 }
