@@ -343,3 +343,117 @@ async fn draining_a_filer_moves_its_fifty_mailboxes_to_the_others() {
         .unwrap();
     assert_eq!(f1["state"], "draining");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_migration_leaves_the_mailbox_active_and_whole_and_a_second_run_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("mail.toml"), EPHEMERAL_CONFIG).unwrap();
+    ok(
+        d,
+        &["-c", "mail.toml", "domain", "add", "example.test"],
+        None,
+    );
+    ok(
+        d,
+        &[
+            "-c",
+            "mail.toml",
+            "user",
+            "add",
+            "a@example.test",
+            "--filer",
+            "filer1",
+        ],
+        Some("pw\n"),
+    );
+    let up = Up::start(d, "mail.toml");
+    let lmtp = up.addr("filer1", "lmtp");
+    let mut c = Client::connect(lmtp, &ClientSettings::new("test", Protocol::Lmtp))
+        .await
+        .unwrap();
+    let body = "x".repeat(2000);
+    const N: usize = 1500;
+    for i in 0..N {
+        let r = c
+            .send(
+                "s@remote.test",
+                &["a@example.test".to_owned()],
+                format!("Subject: m{i:04}\r\n\r\n{body}\r\n").as_bytes(),
+            )
+            .await
+            .unwrap();
+        assert!(r[0].is_positive());
+    }
+    c.quit().await;
+
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mailctl"))
+        .args([
+            "-c",
+            "mail.toml",
+            "migrate",
+            "a@example.test",
+            "--to",
+            "filer2",
+        ])
+        .current_dir(d)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill it in the middle of the bulk copy.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let copied = maildir(&d.join("data/filers/filer2"), "a@example.test").len();
+        if copied > 10 {
+            assert!(copied < N, "the copy finished before the kill");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the copy never started"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await; // polling interval
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let list: serde_json::Value =
+        serde_json::from_str(&ok(d, &["-c", "mail.toml", "user", "list", "--json"], None)).unwrap();
+    let a = &list.as_array().unwrap()[0];
+    assert_eq!(
+        (a["filer"].as_str(), a["state"].as_str()),
+        (Some("filer1"), Some("active"))
+    );
+    assert_eq!(
+        maildir(&d.join("data/filers/filer1"), "a@example.test").len(),
+        N
+    );
+
+    let out = ok(
+        d,
+        &[
+            "-c",
+            "mail.toml",
+            "migrate",
+            "a@example.test",
+            "--to",
+            "filer2",
+            "--json",
+        ],
+        None,
+    );
+    let summary: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(summary["messages"].as_u64(), Some(N as u64), "{summary}");
+    let list: serde_json::Value =
+        serde_json::from_str(&ok(d, &["-c", "mail.toml", "user", "list", "--json"], None)).unwrap();
+    let a = &list.as_array().unwrap()[0];
+    assert_eq!(
+        (a["filer"].as_str(), a["state"].as_str()),
+        (Some("filer2"), Some("active"))
+    );
+    assert_eq!(
+        maildir(&d.join("data/filers/filer2"), "a@example.test").len(),
+        N
+    );
+}
