@@ -534,3 +534,40 @@ pub async fn sweep(
     let _ = within(session.logout()).await;
     Ok(swept)
 }
+
+/// Empties the old copy after a migration (`mailctl migrate purge`): every message expunged,
+/// every folder but INBOX deleted, with the migration login. Returns how many messages went.
+pub async fn purge(source: &Source) -> Result<u64, MigrateError> {
+    let mut session = connect(source).await?;
+    let mut removed = 0;
+    let mut names: Vec<String> = folders(&mut session)
+        .await?
+        .into_iter()
+        .map(|f| f.name)
+        .collect();
+    // Children before parents.
+    names.sort_by_key(|n| std::cmp::Reverse(n.len()));
+    for name in &names {
+        let mailbox = within(session.select(name)).await?.map_err(imap_err)?;
+        if mailbox.exists > 0 {
+            removed += u64::from(mailbox.exists);
+            within(async {
+                let stream = session
+                    .uid_store("1:*", "+FLAGS.SILENT (\\Deleted)")
+                    .await
+                    .map_err(imap_err)?;
+                let _: Vec<_> = stream.try_collect().await.map_err(imap_err)?;
+                let stream = session.expunge().await.map_err(imap_err)?;
+                let _: Vec<_> = stream.try_collect().await.map_err(imap_err)?;
+                Ok::<_, MigrateError>(())
+            })
+            .await??;
+        }
+        within(session.close()).await?.map_err(imap_err)?;
+        if !name.eq_ignore_ascii_case("INBOX") {
+            within(session.delete(name)).await?.map_err(imap_err)?;
+        }
+    }
+    let _ = within(session.logout()).await;
+    Ok(removed)
+}

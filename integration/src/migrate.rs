@@ -173,6 +173,20 @@ pub async fn migrate(
             tracing::warn!(error = %e, "the last sweep of the old copy failed");
             0
         });
+    // What rollback and purge need: where the old copy is, and the new copy's state now, so
+    // a rollback can tell whether anything changed since.
+    let d = dest_store.clone();
+    let state = tokio::task::spawn_blocking(move || d.folders()).await??;
+    let record = Record {
+        address: address.clone(),
+        from: from.clone(),
+        to: to.to_owned(),
+        folders: state
+            .into_iter()
+            .map(|f| (f.name, (f.uid_next, f.highest_modseq)))
+            .collect(),
+    };
+    record.save(settings)?;
     Ok(Summary {
         address,
         from,
@@ -191,6 +205,175 @@ pub async fn migrate(
 fn settle(settings: &PlatformSettings) -> Duration {
     let ttl = settings.shared.cache_ttl;
     ttl + ttl.max(Duration::from_millis(200))
+}
+
+/// A finished migration, kept until the old copy is purged or the move rolled back, in
+/// `<data_dir>/migrations/<address>.json` on the destination's host.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct Record {
+    /// The mailbox.
+    pub address: String,
+    /// The filer that keeps the old copy.
+    pub from: String,
+    /// The filer it moved to.
+    pub to: String,
+    /// The new copy's folders right after the move: name → (UIDNEXT, HIGHESTMODSEQ).
+    pub folders: std::collections::BTreeMap<String, (u32, u64)>,
+}
+
+impl Record {
+    fn path(settings: &PlatformSettings, address: &str) -> std::path::PathBuf {
+        settings
+            .shared
+            .data_dir
+            .join("migrations")
+            .join(format!("{address}.json"))
+    }
+
+    fn save(&self, settings: &PlatformSettings) -> anyhow::Result<()> {
+        let path = Self::path(settings, &self.address);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(())
+    }
+
+    fn load(settings: &PlatformSettings, address: &str) -> anyhow::Result<Self> {
+        let path = Self::path(settings, address);
+        let bytes = std::fs::read(&path).with_context(|| {
+            format!(
+                "no finished migration of {address} recorded here ({})",
+                path.display()
+            )
+        })?;
+        Ok(serde_json::from_slice(&bytes)?)
+    }
+}
+
+/// The migration login to `filer`'s IMAP for `address`.
+async fn source_for(
+    settings: &PlatformSettings,
+    db: &dyn Directory,
+    filer: &str,
+    address: &str,
+) -> anyhow::Result<Source> {
+    let Some(f) = db.filer(filer).await? else {
+        bail!("filer {filer} is not in the location database");
+    };
+    let imap = f
+        .imap
+        .parse()
+        .with_context(|| format!("filer {filer} has no usable imap address {:?}", f.imap))?;
+    let shared = settings.shared.clone();
+    let secret = tokio::task::spawn_blocking(move || shared.resolve_proxy_secret())
+        .await?
+        .context("reading the proxy secret")?;
+    Ok(Source {
+        imap,
+        user: address.to_owned(),
+        principal: filer::migration_principal(&settings.shared.proxy_principal),
+        secret,
+    })
+}
+
+/// `mailctl migrate purge ADDRESS`: empties the old copy of a finished migration. Returns the
+/// number of messages removed.
+pub async fn purge(
+    settings: &PlatformSettings,
+    db: Arc<dyn Directory>,
+    address: &str,
+) -> anyhow::Result<u64> {
+    let address = common::address::Address::parse(address)?.key();
+    let record = Record::load(settings, &address)?;
+    match db.mailbox(&address).await? {
+        Some(m) if m.filer == record.to => {}
+        _ => bail!(
+            "{address} is not on {} any more; not purging its copy on {}",
+            record.to,
+            record.from
+        ),
+    }
+    let source = source_for(settings, db.as_ref(), &record.from, &address).await?;
+    let removed = filer::migrate::purge(&source).await?;
+    std::fs::remove_file(Record::path(settings, &address))?;
+    Ok(removed)
+}
+
+/// `mailctl migrate rollback ADDRESS`: moves a migrated mailbox back to its old copy, if
+/// nothing changed in the new one since the move (no message arrived, no flag changed);
+/// otherwise refuses and says what changed.
+pub async fn rollback(
+    settings: &PlatformSettings,
+    db: Arc<dyn Directory>,
+    address: &str,
+) -> anyhow::Result<Record> {
+    let address = common::address::Address::parse(address)?.key();
+    let record = Record::load(settings, &address)?;
+    let Some(mailbox) = db.mailbox(&address).await? else {
+        bail!("no mailbox {address}");
+    };
+    if mailbox.filer != record.to {
+        bail!("{address} is on {}, not on {}", mailbox.filer, record.to);
+    }
+    let Some(dest) = settings.filers.iter().find(|f| f.name == record.to) else {
+        bail!("filer {} does not run on this host", record.to);
+    };
+    let (root, host, addr, seed) = (
+        dest.mail_root.clone(),
+        settings.shared.hostname.clone(),
+        address.clone(),
+        mailbox.uidvalidity_seed,
+    );
+    let store = tokio::task::spawn_blocking(move || {
+        filer::store::Store::new(root, &host).user(&addr, seed)
+    })
+    .await??;
+    let changed = |store: Arc<filer::store::UserStore>, record: Record| async move {
+        let now = tokio::task::spawn_blocking(move || store.folders()).await??;
+        let mut what = Vec::new();
+        for f in &now {
+            match record.folders.get(&f.name) {
+                Some(&(next, modseq)) if next == f.uid_next && modseq == f.highest_modseq => {}
+                Some(&(next, _)) if f.uid_next > next => {
+                    what.push(format!("{}: {} new message(s)", f.name, f.uid_next - next))
+                }
+                Some(_) => what.push(format!("{}: flags or messages changed", f.name)),
+                None => what.push(format!("{}: new folder", f.name)),
+            }
+        }
+        for name in record.folders.keys() {
+            if !now.iter().any(|f| &f.name == name) {
+                what.push(format!("{name}: folder deleted"));
+            }
+        }
+        Ok::<_, anyhow::Error>(what)
+    };
+    let what = changed(store.clone(), record.clone()).await?;
+    if !what.is_empty() {
+        bail!(
+            "not rolled back: {} changed since the move ({}); move it back with `mailctl migrate {address} --to {}` instead",
+            address,
+            what.join("; "),
+            record.from
+        );
+    }
+    db.set_mailbox_state(&address, MailboxState::Moving).await?;
+    tokio::time::sleep(settle(settings)).await;
+    let what = changed(store, record.clone()).await?;
+    if !what.is_empty() {
+        release(db.as_ref(), &address).await;
+        bail!(
+            "not rolled back: {} changed while holding it ({})",
+            address,
+            what.join("; ")
+        );
+    }
+    db.move_mailbox(&address, &record.to, &record.from).await?;
+    std::fs::remove_file(Record::path(settings, &address))?;
+    Ok(record)
 }
 
 /// Back to `active` on the old filer after a failure before the flip.

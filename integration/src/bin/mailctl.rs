@@ -65,14 +65,19 @@ enum Command {
     /// DKIM signing keys of the relay.
     #[command(subcommand)]
     Dkim(DkimCmd),
-    /// Move a mailbox to another filer while mail keeps arriving and its users stay connected.
-    /// Runs on the destination filer's host; the old copy stays until purged.
+    /// Move a mailbox to another filer while mail keeps arriving and its users stay connected
+    /// (`migrate ADDRESS --to FILER`). Runs on the destination filer's host; the old copy stays
+    /// until `migrate purge ADDRESS`; `migrate rollback ADDRESS` returns to it if nothing changed.
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
     Migrate {
+        #[command(subcommand)]
+        action: Option<MigrateCmd>,
         /// The mailbox.
-        address: String,
+        #[arg(required = true)]
+        address: Option<String>,
         /// The filer to move it to.
-        #[arg(long)]
-        to: String,
+        #[arg(long, required = true)]
+        to: Option<String>,
         /// Print the summary as JSON (no progress bar).
         #[arg(long)]
         json: bool,
@@ -242,6 +247,14 @@ enum FilerCmd {
 }
 
 #[derive(Subcommand)]
+enum MigrateCmd {
+    /// Empty the old copy of a finished migration.
+    Purge { address: String },
+    /// Move a migrated mailbox back to its old copy, if nothing changed since the move.
+    Rollback { address: String },
+}
+
+#[derive(Subcommand)]
 enum DkimCmd {
     /// Make an RSA-2048 key for DOMAIN and print the DNS TXT record to publish. Refused when
     /// DOMAIN already has a key.
@@ -378,7 +391,36 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Filer(c) => filer(&settings, c).await,
         Command::Queue(c) => tokio::task::spawn_blocking(move || queue_cmd(&settings, c)).await?,
         Command::Dkim(c) => dkim(&settings, c).await,
-        Command::Migrate { address, to, json } => migrate_cmd(&settings, &address, &to, json).await,
+        Command::Migrate {
+            action: Some(MigrateCmd::Purge { address }),
+            ..
+        } => {
+            let db: Arc<dyn Directory> = Arc::new(platform::open_directory(&settings).await?);
+            let removed = integration::migrate::purge(&settings, db, &address).await?;
+            out!("purged the old copy of {address}: {removed} message(s) removed");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Migrate {
+            action: Some(MigrateCmd::Rollback { address }),
+            ..
+        } => {
+            let db: Arc<dyn Directory> = Arc::new(platform::open_directory(&settings).await?);
+            let r = integration::migrate::rollback(&settings, db, &address).await?;
+            out!(
+                "{} is back on {} (its copy on {} stays)",
+                r.address,
+                r.from,
+                r.to
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Migrate {
+            address: Some(address),
+            to: Some(to),
+            json,
+            ..
+        } => migrate_cmd(&settings, &address, &to, json).await,
+        Command::Migrate { .. } => bail!("usage: mailctl migrate ADDRESS --to FILER"),
         Command::Filter(c) => tokio::task::spawn_blocking(move || filter_cmd(&settings, c)).await?,
     }
 }

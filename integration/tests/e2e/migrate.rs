@@ -457,3 +457,79 @@ async fn a_killed_migration_leaves_the_mailbox_active_and_whole_and_a_second_run
         N
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_returns_only_when_nothing_changed_and_purge_empties_the_old_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("mail.toml"), EPHEMERAL_CONFIG).unwrap();
+    ok(
+        d,
+        &["-c", "mail.toml", "domain", "add", "example.test"],
+        None,
+    );
+    ok(
+        d,
+        &[
+            "-c",
+            "mail.toml",
+            "user",
+            "add",
+            "a@example.test",
+            "--filer",
+            "filer1",
+        ],
+        Some("pw\n"),
+    );
+    let up = Up::start(d, "mail.toml");
+    let spool = up.addr("spool", "smtp");
+    for i in 0..3 {
+        assert!(send(spool, &format!("m{i}")).await);
+    }
+    let (f1, f2) = (d.join("data/filers/filer1"), d.join("data/filers/filer2"));
+    crate::support::wait_for_maildir(&f1, "a@example.test", 3);
+    let filer_of = || {
+        let list: serde_json::Value =
+            serde_json::from_str(&ok(d, &["-c", "mail.toml", "user", "list", "--json"], None))
+                .unwrap();
+        let a = &list.as_array().unwrap()[0];
+        format!(
+            "{} {}",
+            a["filer"].as_str().unwrap(),
+            a["state"].as_str().unwrap()
+        )
+    };
+    let m = |args: &[&str]| {
+        let mut all = vec!["-c", "mail.toml", "migrate"];
+        all.extend_from_slice(args);
+        crate::support::mailctl(d, &all, None)
+    };
+
+    assert!(m(&["a@example.test", "--to", "filer2"]).status.success());
+    assert_eq!(filer_of(), "filer2 active");
+    // Nothing changed since: back to filer1, whose copy was kept.
+    let out = m(&["rollback", "a@example.test"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(filer_of(), "filer1 active");
+    assert!(send(spool, "after rollback").await);
+    crate::support::wait_for_maildir(&f1, "a@example.test", 4);
+
+    // Again, and this time mail arrives after the move: no rollback.
+    assert!(m(&["a@example.test", "--to", "filer2"]).status.success());
+    assert!(send(spool, "on filer2").await);
+    crate::support::wait_for_maildir(&f2, "a@example.test", 5);
+    let out = m(&["rollback", "a@example.test"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("1 new message"), "{err}");
+    assert_eq!(filer_of(), "filer2 active");
+
+    // Purge empties the old copy; the mailbox itself is untouched.
+    let out = m(&["purge", "a@example.test"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("4 message(s) removed"));
+    assert!(maildir(&f1, "a@example.test").is_empty());
+    assert_eq!(maildir(&f2, "a@example.test").len(), 5);
+    let again = m(&["purge", "a@example.test"]);
+    assert!(!again.status.success(), "the record is gone after a purge");
+}
