@@ -376,6 +376,19 @@ pub async fn rollback(
     Ok(record)
 }
 
+/// After an interruption: a mailbox left `moving` (on its old filer: the flip never happened)
+/// goes back to `active`.
+pub async fn release_if_moving(db: &dyn Directory, address: &str) {
+    let Ok(a) = common::address::Address::parse(address) else {
+        return;
+    };
+    if let Ok(Some(m)) = db.mailbox(&a.key()).await
+        && m.state == MailboxState::Moving
+    {
+        release(db, &a.key()).await;
+    }
+}
+
 /// Back to `active` on the old filer after a failure before the flip.
 async fn release(db: &dyn Directory, address: &str) {
     if let Err(e) = db.set_mailbox_state(address, MailboxState::Active).await {
@@ -536,12 +549,24 @@ pub async fn rebalance(
             .max_by(|a, b| a.1.total_cmp(&b.1));
         let under = counts
             .iter()
-            .map(|(n, w, c)| (n.clone(), *c as f64 - share(*w)))
-            .min_by(|a, b| a.1.total_cmp(&b.1));
-        let (Some((from, excess, target)), Some((to, _))) = (over, under) else {
+            .map(|(n, w, c)| (n.clone(), share(*w) - *c as f64, share(*w)))
+            .max_by(|a, b| a.1.total_cmp(&b.1));
+        let (Some((from, excess, over_share)), Some((to, deficit, under_share))) = (over, under)
+        else {
             break;
         };
-        if excess <= (tolerance * target).max(1.0) || from == to {
+        let within = |gap: f64, share: f64| gap <= (tolerance * share).max(1.0);
+        if from == to || (within(excess, over_share) && within(deficit, under_share)) {
+            break;
+        }
+        // Only a move that narrows the spread (by weight), so this always ends.
+        let load = |name: &str, delta: i64| {
+            counts
+                .iter()
+                .find(|c| c.0 == name)
+                .map_or(0.0, |c| (c.2 as i64 + delta) as f64 / f64::from(c.1.max(1)))
+        };
+        if load(&from, -1) < load(&to, 1) {
             break;
         }
         let Some(address) = mailboxes.get_mut(&from).and_then(Vec::pop) else {

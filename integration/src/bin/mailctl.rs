@@ -451,7 +451,17 @@ async fn migrate_cmd(
         bar.set_position(r.copied);
         bar.set_prefix(ByteSize(r.copied_bytes).to_string());
     };
-    let result = integration::migrate::migrate(settings, db, address, to, &progress).await;
+    // Interrupted (Ctrl-C, SIGTERM) before the flip: the mailbox goes back to `active` where
+    // it was, so nothing is held. (A SIGKILL leaves it `moving`; running the command again
+    // resumes.)
+    let result = tokio::select! {
+        r = integration::migrate::migrate(settings, db.clone(), address, to, &progress) => r,
+        _ = interrupted() => {
+            bar.finish_and_clear();
+            integration::migrate::release_if_moving(db.as_ref(), address).await;
+            bail!("interrupted; {address} stays where it was, active");
+        }
+    };
     bar.finish_and_clear();
     let summary = result?;
     if json {
@@ -478,6 +488,22 @@ async fn migrate_cmd(
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Ctrl-C or SIGTERM.
+async fn interrupted() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
 }
 
 async fn up(settings: PlatformSettings) -> anyhow::Result<ExitCode> {

@@ -342,6 +342,38 @@ async fn draining_a_filer_moves_its_fifty_mailboxes_to_the_others() {
         .find(|f| f["name"] == "filer1")
         .unwrap();
     assert_eq!(f1["state"], "draining");
+
+    // filer1 back up and empty: rebalancing gives it its share (a third, within 10 %).
+    ok(
+        d,
+        &["-c", "mail.toml", "filer", "set-state", "filer1", "up"],
+        None,
+    );
+    let out = ok(
+        d,
+        &[
+            "-c",
+            "mail.toml",
+            "filer",
+            "rebalance",
+            "--parallel",
+            "8",
+            "--json",
+        ],
+        None,
+    );
+    let moves: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(moves["failed"].as_array().unwrap().is_empty(), "{moves}");
+    let filers: serde_json::Value = serde_json::from_str(&ok(
+        d,
+        &["-c", "mail.toml", "filer", "list", "--json"],
+        None,
+    ))
+    .unwrap();
+    for f in filers.as_array().unwrap() {
+        let n = f["mailboxes"].as_u64().unwrap();
+        assert!((15..=18).contains(&n), "{}: {n} mailboxes", f["name"]);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
