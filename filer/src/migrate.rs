@@ -1,4 +1,4 @@
-//! Copying a mailbox from another filer (groundwork for #9, online migration).
+//! Copying a mailbox from another filer: the filer-to-filer side of online migration.
 //!
 //! The destination reads the source over IMAP, logged in with the trusted proxy login (the
 //! same secret the access proxy uses), and writes its own store with what IMAP clients must

@@ -1,5 +1,5 @@
-//! Copying a mailbox from a running filer into another store over IMAP (the groundwork of
-//! online migration, #9): UIDVALIDITY, UIDs, flags, dates, folders and subscriptions survive,
+//! Copying a mailbox from a running filer into another store over IMAP (the filer side of
+//! online migration): UIDVALIDITY, UIDs, flags, dates, folders and subscriptions survive,
 //! passes are incremental, and `verify` finds any difference.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // helpers outside #[test] functions
