@@ -1,7 +1,7 @@
 //! Copying a mailbox from another filer: the filer-to-filer side of online migration.
 //!
-//! The destination reads the source over IMAP, logged in with the trusted proxy login (the
-//! same secret the access proxy uses), and writes its own store with what IMAP clients must
+//! The destination reads the source over IMAP, logged in with the migration login
+//! ([`crate::migration_principal`], the proxy's secret), and writes its own store with what IMAP clients must
 //! see unchanged: each folder's UIDVALIDITY and UIDNEXT, every message under its UID with its
 //! flags and internal date, the SPECIAL-USE attributes and the subscriptions. A pass is
 //! incremental and can be run again at any time: it copies what is missing, updates flags
