@@ -70,6 +70,9 @@ pub struct FileConfig {
     pub retry_max: String,
     /// Most delivery attempts running at once. Default: 100.
     pub max_deliveries: usize,
+    /// Most SMTP sessions at once to one destination domain (Postfix's
+    /// `default_destination_concurrency_limit`). Default: 20.
+    pub destination_concurrency: usize,
     /// Time allowed to connect to a next hop. Default: `"30s"`.
     pub connect_timeout: String,
     /// Time allowed for each SMTP command and reply to a next hop. Default: `"5m"`.
@@ -112,6 +115,7 @@ impl Default for FileConfig {
             retry_min: "1m".into(),
             retry_max: "1h".into(),
             max_deliveries: 100,
+            destination_concurrency: 20,
             connect_timeout: "30s".into(),
             smtp_timeout: "5m".into(),
             hosted_route: String::new(),
@@ -197,6 +201,8 @@ pub struct Settings {
     pub retry_max: Duration,
     /// Most delivery attempts at once.
     pub max_deliveries: usize,
+    /// Most sessions to one destination domain.
+    pub destination_concurrency: usize,
     /// Connect timeout to next hops.
     pub connect_timeout: Duration,
     /// Command/reply timeout to next hops.
@@ -229,6 +235,7 @@ impl Settings {
             ("max_connections", file.max_connections),
             ("argon2_concurrency", file.argon2_concurrency),
             ("max_deliveries", file.max_deliveries),
+            ("destination_concurrency", file.destination_concurrency),
         ] {
             if value == 0 {
                 problems.push(k(field), "must be greater than zero");
@@ -302,6 +309,7 @@ impl Settings {
             retry_min,
             retry_max,
             max_deliveries: file.max_deliveries,
+            destination_concurrency: file.destination_concurrency,
             connect_timeout: problems.duration(&k("connect_timeout"), &file.connect_timeout, true),
             smtp_timeout: problems.duration(&k("smtp_timeout"), &file.smtp_timeout, true),
             hosted_route,

@@ -44,6 +44,9 @@ pub(crate) struct Outbound {
     dns: Arc<dyn Resolver>,
     /// Opportunistic TLS client configuration; `None` when STARTTLS is off.
     tls: Option<Arc<rustls::ClientConfig>>,
+    /// Sessions per destination domain, made on first use.
+    per_destination:
+        std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Semaphore>>>,
 }
 
 /// One place to connect to.
@@ -65,7 +68,28 @@ impl Outbound {
             directory,
             dns,
             tls,
+            per_destination: std::sync::Mutex::default(),
         }
+    }
+
+    /// The session limit of one destination domain. Idle limits are forgotten when the map
+    /// grows large, so a flood of domains cannot grow it without bound.
+    fn destination_slots(&self, domain: &str) -> Arc<tokio::sync::Semaphore> {
+        let mut map = self
+            .per_destination
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if map.len() >= 10_000 {
+            let limit = self.settings.destination_concurrency;
+            map.retain(|_, s| s.available_permits() < limit);
+        }
+        map.entry(domain.to_owned())
+            .or_insert_with(|| {
+                Arc::new(tokio::sync::Semaphore::new(
+                    self.settings.destination_concurrency,
+                ))
+            })
+            .clone()
     }
 
     /// Where `domain`'s mail goes now, or the outcome for all of its recipients.
@@ -300,9 +324,14 @@ impl Transport for Outbound {
             let message = message.clone();
             let reverse_path = envelope.reverse_path.clone();
             async move {
-                let o = self
-                    .deliver_domain(&domain, &reverse_path, &paths, &message)
-                    .await;
+                let slots = self.destination_slots(&domain);
+                let o = match slots.acquire_owned().await {
+                    Ok(_permit) => {
+                        self.deliver_domain(&domain, &reverse_path, &paths, &message)
+                            .await
+                    }
+                    Err(_) => vec![Outcome::retry("shutting down".into()); paths.len()],
+                };
                 (idx, o)
             }
         }))
@@ -425,5 +454,93 @@ mod tests {
             ["127.0.0.1:2525"],
             "hosted domains stay with the platform"
         );
+    }
+
+    #[tokio::test]
+    async fn at_most_the_destination_limit_of_sessions_run_at_once() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let open = Arc::new(AtomicUsize::new(0));
+        let max = Arc::new(AtomicUsize::new(0));
+        let (o, m) = (open.clone(), max.clone());
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let (o, m) = (o.clone(), m.clone());
+                tokio::spawn(async move {
+                    let now = o.fetch_add(1, Ordering::SeqCst) + 1;
+                    m.fetch_max(now, Ordering::SeqCst);
+                    let (r, mut w) = stream.into_split();
+                    let mut r = tokio::io::BufReader::new(r);
+                    w.write_all(b"220 sink\r\n").await.unwrap();
+                    let mut line = String::new();
+                    while r.read_line(&mut line).await.unwrap_or(0) > 0 {
+                        let up = line.to_ascii_uppercase();
+                        let reply: &[u8] = if up.starts_with("DATA") {
+                            b"354 go\r\n"
+                        } else if line == ".\r\n" {
+                            b"250 ok\r\n"
+                        } else if up.starts_with("QUIT") {
+                            let _ = w.write_all(b"221 bye\r\n").await;
+                            break;
+                        } else if up.starts_with("EHLO")
+                            || up.starts_with("MAIL")
+                            || up.starts_with("RCPT")
+                        {
+                            b"250 ok\r\n"
+                        } else {
+                            // message lines
+                            line.clear();
+                            continue;
+                        };
+                        w.write_all(reply).await.unwrap();
+                        line.clear();
+                    }
+                    o.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        let o = outbound(Static::new(), |s| {
+            s.destination_concurrency = 2;
+            s.routes.insert(
+                "remote.test".into(),
+                Route {
+                    host: "127.0.0.1".into(),
+                    port: addr.port(),
+                },
+            );
+        })
+        .await;
+        let o = Arc::new(o);
+        let env = Envelope {
+            id: common::queue::QueueId::generate(),
+            reverse_path: "a@hosted.test".into(),
+            smtputf8: false,
+            origin: common::queue::Origin::Submission,
+            queued_ms: 0,
+            conn: String::new(),
+            client_ip: String::new(),
+            helo: String::new(),
+            size: 0,
+            held: false,
+            recipients: Vec::new(),
+        };
+        let message: Arc<[u8]> = Arc::from(&b"Subject: x\r\n\r\nhi\r\n"[..]);
+        let mut tasks = Vec::new();
+        for i in 0..12 {
+            let (o, env, message) = (o.clone(), env.clone(), message.clone());
+            tasks.push(tokio::spawn(async move {
+                o.deliver(&env, &[format!("r{i}@remote.test")], message)
+                    .await
+            }));
+        }
+        for t in tasks {
+            let outcomes = t.await.unwrap();
+            assert!(matches!(outcomes[0], Outcome::Delivered(_)), "{outcomes:?}");
+        }
+        let seen = max.load(Ordering::SeqCst);
+        assert!((1..=2).contains(&seen), "{seen} sessions at once");
     }
 }
