@@ -210,17 +210,13 @@ impl Authenticator {
     /// A TXT or MX name not seeded is answered "no such name" (so SPF is `none`, DMARC finds no
     /// record, a DKIM key is missing: `permerror`); an A or AAAA name not seeded is a temporary
     /// error (an SPF `a`, `mx` or `exists` mechanism that needs it is `temperror`).
-    pub fn offline() -> Self {
+    pub fn offline() -> Result<Self, AuthError> {
         let mut options = ResolverOpts::default();
         options.use_hosts_file = ResolveHosts::Never;
-        // `build` fails only while making hickory's TLS client configuration, which exists only
-        // with hickory's TLS features; no crate of this workspace enables them (see
-        // `cargo tree -e features -i hickory-resolver`).
-        #[allow(clippy::expect_used)]
         let inner =
             MessageAuthenticator::new(ResolverConfig::from_name_servers(Vec::new()), options)
-                .expect("a resolver without name servers and TLS always builds");
-        Self::with_caches(inner, true)
+                .map_err(AuthError::Resolver)?;
+        Ok(Self::with_caches(inner, true))
     }
 
     fn with_caches(inner: MessageAuthenticator, is_offline: bool) -> Self {
@@ -1062,7 +1058,7 @@ mod tests {
 
     /// An offline authenticator with SPF for example.test's mail servers (192.0.2.0/24).
     fn example() -> Authenticator {
-        let auth = Authenticator::offline();
+        let auth = Authenticator::offline().unwrap();
         auth.add_txt("example.test", "v=spf1 ip4:192.0.2.0/24 -all");
         auth.add_txt("bounce.example.test", "v=spf1 ip4:192.0.2.0/24 -all");
         auth.add_txt("soft.test", "v=spf1 ip4:192.0.2.0/24 ~all");
@@ -1174,7 +1170,7 @@ mod tests {
 
     #[tokio::test]
     async fn spf_address_lookups_offline_need_seeded_records() {
-        let auth = Authenticator::offline();
+        let auth = Authenticator::offline().unwrap();
         auth.add_txt("a.test", "v=spf1 a:host.a.test -all");
         auth.add_txt("mx.test", "v=spf1 mx -all");
         auth.add_txt("inc.test", "v=spf1 include:a.test -all");
@@ -1215,7 +1211,7 @@ mod tests {
 
     #[tokio::test]
     async fn dkim_signed_message_passes() {
-        let auth = Authenticator::offline();
+        let auth = Authenticator::offline().unwrap();
         let signed = sign(&auth, "example.test", "s1", &message("alice@example.test"));
         let out = auth
             .check(&input(&signed, None, "client.test", "alice@example.test"))
@@ -1235,7 +1231,7 @@ mod tests {
 
     #[tokio::test]
     async fn dkim_fails_when_the_body_changes() {
-        let auth = Authenticator::offline();
+        let auth = Authenticator::offline().unwrap();
         let signed = sign(&auth, "example.test", "s1", &message("alice@example.test"));
         let tampered = signed.replace("at noon", "at one");
         assert_ne!(tampered, signed);
@@ -1253,7 +1249,7 @@ mod tests {
 
     #[tokio::test]
     async fn dkim_fails_when_a_signed_header_changes() {
-        let auth = Authenticator::offline();
+        let auth = Authenticator::offline().unwrap();
         let signed = sign(&auth, "example.test", "s1", &message("alice@example.test"));
         for tampered in [
             signed.replace("Subject: Lunch", "Subject: Dinner"),
@@ -1273,11 +1269,11 @@ mod tests {
 
     #[tokio::test]
     async fn dkim_missing_key_is_permerror_and_any_pass_wins() {
-        let auth = Authenticator::offline();
+        let auth = Authenticator::offline().unwrap();
         let msg = message("alice@example.test");
         let signed = sign(&auth, "example.test", "s1", &msg);
         // Signed again by a domain whose key is not published.
-        let other = Authenticator::offline();
+        let other = Authenticator::offline().unwrap();
         let twice = sign(&other, "nokey.test", "s2", &signed);
 
         let out = auth.check(&input(&twice, None, "client.test", "")).await;
@@ -1308,7 +1304,7 @@ mod tests {
 
     #[tokio::test]
     async fn dkim_verifies_at_most_five_signatures() {
-        let auth = Authenticator::offline();
+        let auth = Authenticator::offline().unwrap();
         // The passing signature is the first one added, so the last in header order.
         let mut signed = sign(
             &auth,
@@ -1316,7 +1312,7 @@ mod tests {
             "good",
             &message("alice@example.test"),
         );
-        let other = Authenticator::offline();
+        let other = Authenticator::offline().unwrap();
         for n in 0..MAX_DKIM_SIGNATURES {
             signed = sign(&other, &format!("n{n}.test"), "s", &signed);
         }
@@ -1636,7 +1632,7 @@ mod tests {
 
     #[tokio::test]
     async fn seeded_txt_records_are_parsed_by_kind() {
-        let auth = Authenticator::offline();
+        let auth = Authenticator::offline().unwrap();
         for (name, txt) in [
             ("spf.test", "v=spf1 -all"),
             ("SPF2.Test.", "  v=spf1 ip4:192.0.2.0/24 ~all  "),
@@ -1775,7 +1771,7 @@ mod tests {
         fn send_sync<T: Send + Sync>() {}
         fn send<T: Send>(_: &T) {}
         send_sync::<Authenticator>();
-        let auth = Authenticator::offline();
+        let auth = Authenticator::offline().unwrap();
         let msg = message("a@example.test");
         let input = input(&msg, None, "client.test", "");
         send(&auth.check(&input));

@@ -133,7 +133,7 @@ pub async fn serve(
     let auth = if settings.network_checks {
         auth::Authenticator::system().map_err(|e| ServeError::Auth(e.to_string()))?
     } else {
-        auth::Authenticator::offline()
+        auth::Authenticator::offline().map_err(|e| ServeError::Auth(e.to_string()))?
     };
     let model = ModelSlot::new(settings.model.clone());
     let probe = tokio::task::spawn_blocking(move || {

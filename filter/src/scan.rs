@@ -611,7 +611,7 @@ mod tests {
             model: crate::ModelSlot::new(s.model.clone()),
             settings: Arc::new(s),
             dns: dns.clone(),
-            auth: crate::auth::Authenticator::offline(),
+            auth: crate::auth::Authenticator::offline().unwrap(),
         };
         (Arc::new(f), dns)
     }
