@@ -48,6 +48,18 @@ impl StoreError {
         }
     }
 
+    /// The SMTP reply when the queue cannot take a message: `452 4.3.1` for a full disk
+    /// (RFC 3463), `451 4.3.0` otherwise. Logs the cause.
+    pub fn reply(&self) -> crate::smtp::Reply {
+        if self.is_full() {
+            tracing::error!(error = %self, "queue disk full");
+            crate::smtp::Reply::temp(452, "4.3.1", "insufficient system storage")
+        } else {
+            tracing::error!(error = %self, "queue write failed");
+            crate::smtp::Reply::temp(451, "4.3.0", "local error in processing, try again later")
+        }
+    }
+
     fn io(path: &Path) -> impl FnOnce(io::Error) -> Self + '_ {
         move |source| Self::Io {
             path: path.to_owned(),

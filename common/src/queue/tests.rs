@@ -134,3 +134,23 @@ fn backoff_doubles_up_to_the_maximum() {
     assert_eq!(d, [60, 120, 240, 480, 960, 1920, 3600, 3600]);
     assert_eq!(backoff(200, min, max), max);
 }
+
+#[test]
+fn a_full_disk_is_452_and_other_store_errors_451() {
+    let err = |kind| super::StoreError::Io {
+        path: std::path::PathBuf::from("/q"),
+        source: std::io::Error::from(kind),
+    };
+    let full = err(std::io::ErrorKind::StorageFull).reply();
+    assert_eq!(
+        (full.code, full.enhanced.map(|e| e.to_string())),
+        (452, Some("4.3.1".into()))
+    );
+    let quota = err(std::io::ErrorKind::QuotaExceeded).reply();
+    assert_eq!(quota.code, 452);
+    let other = err(std::io::ErrorKind::PermissionDenied).reply();
+    assert_eq!(
+        (other.code, other.enhanced.map(|e| e.to_string())),
+        (451, Some("4.3.0".into()))
+    );
+}

@@ -259,7 +259,7 @@ impl Session {
         let queue = self.relay.runner.queue();
         let mut incoming = match Incoming::create(queue).await {
             Ok(m) => m,
-            Err(e) => return store_failed(&e),
+            Err(e) => return e.reply(),
         };
         let id = incoming.id().clone();
         let received = self.received(conn, hello, &id);
@@ -272,10 +272,11 @@ impl Session {
         .await;
         if let Err(e) = written {
             incoming.discard(queue).await;
-            return store_failed(&StoreError::Io {
+            return StoreError::Io {
                 path: queue.dir().to_owned(),
                 source: e,
-            });
+            }
+            .reply();
         }
         let rcpts = tx.recipients.len();
         let size = incoming.size();
@@ -306,7 +307,7 @@ impl Session {
                 self.relay.runner.schedule(id.clone(), 0);
                 Reply::ok(250, "2.0.0", format!("queued as {id}"))
             }
-            Err(e) => store_failed(&e),
+            Err(e) => e.reply(),
         }
     }
 
@@ -337,17 +338,6 @@ impl Session {
 fn rfc822_now() -> String {
     mail_parser::DateTime::from_timestamp(i64::try_from(now_millis() / 1000).unwrap_or(0))
         .to_rfc822()
-}
-
-/// `452 4.3.1` for a full disk, `451 4.3.0` otherwise.
-fn store_failed(e: &StoreError) -> Reply {
-    if e.is_full() {
-        tracing::error!(error = %e, "queue disk full");
-        Reply::temp(452, "4.3.1", "insufficient system storage")
-    } else {
-        tracing::error!(error = %e, "queue write failed");
-        Reply::temp(451, "4.3.0", "local error in processing, try again later")
-    }
 }
 
 #[cfg(test)]

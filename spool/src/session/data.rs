@@ -102,16 +102,15 @@ impl Session {
         tx: &Transaction,
     ) -> Result<Incoming, Reply> {
         let queue = self.spool.runner.queue();
-        let mut message = Incoming::create(queue)
-            .await
-            .map_err(|e| store_failed(&e))?;
+        let mut message = Incoming::create(queue).await.map_err(|e| e.reply())?;
         let header = self.received(conn, hello, tx, message.id());
         if let Err(e) = message.write_header(&header).await {
             message.discard(queue).await;
-            return Err(store_failed(&StoreError::Io {
+            return Err(StoreError::Io {
                 path: queue.dir().to_owned(),
                 source: e,
-            }));
+            }
+            .reply());
         }
         Ok(message)
     }
@@ -141,10 +140,11 @@ impl Session {
             }
             Ok(DataEnd::SinkFailed { error, .. }) => {
                 message.discard(queue).await;
-                store_failed(&StoreError::Io {
+                StoreError::Io {
                     path: queue.dir().to_owned(),
                     source: error,
-                })
+                }
+                .reply()
             }
             Ok(end) => {
                 message.discard(queue).await;
@@ -201,7 +201,7 @@ impl Session {
                 self.spool.runner.schedule(id.clone(), 0);
                 Reply::ok(250, "2.0.0", format!("queued as {id}"))
             }
-            Err(e) => store_failed(&e),
+            Err(e) => e.reply(),
         }
     }
 
@@ -277,42 +277,5 @@ async fn discard_chunk(
             };
             (state, e.reply().unwrap_or_else(written), flow)
         }
-    }
-}
-
-/// The reply when the queue cannot take the message: `452 4.3.1` for a full disk (RFC 3463),
-/// `451 4.3.0` otherwise.
-fn store_failed(e: &StoreError) -> Reply {
-    if e.is_full() {
-        tracing::error!(error = %e, "queue disk full");
-        Reply::temp(452, "4.3.1", "insufficient system storage")
-    } else {
-        tracing::error!(error = %e, "queue write failed");
-        Reply::temp(451, "4.3.0", "local error in processing, try again later")
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_full_disk_is_452_and_other_store_errors_451() {
-        let err = |kind| StoreError::Io {
-            path: std::path::PathBuf::from("/q"),
-            source: std::io::Error::from(kind),
-        };
-        let full = store_failed(&err(std::io::ErrorKind::StorageFull));
-        assert_eq!(
-            (full.code, full.enhanced.map(|e| e.to_string())),
-            (452, Some("4.3.1".into()))
-        );
-        let quota = store_failed(&err(std::io::ErrorKind::QuotaExceeded));
-        assert_eq!(quota.code, 452);
-        let other = store_failed(&err(std::io::ErrorKind::PermissionDenied));
-        assert_eq!(
-            (other.code, other.enhanced.map(|e| e.to_string())),
-            (451, Some("4.3.0".into()))
-        );
     }
 }
