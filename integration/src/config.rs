@@ -15,6 +15,10 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct PlatformFile {
+    /// `roles = ["spool", "filter"]`: the services this host runs, out of [`ROLES`]. Absent:
+    /// every service whose section is enabled (the all-in-one platform). A service runs when
+    /// its role is listed and its section is not `enabled = false`.
+    pub roles: Option<Vec<String>>,
     /// `[platform]`.
     pub platform: PlatformSection,
     /// `[database]`.
@@ -42,6 +46,7 @@ pub struct PlatformFile {
 impl Default for PlatformFile {
     fn default() -> Self {
         Self {
+            roles: None,
             platform: PlatformSection::default(),
             database: DatabaseFile::default(),
             tls: TlsFile::default(),
@@ -57,6 +62,9 @@ impl Default for PlatformFile {
         }
     }
 }
+
+/// The roles a host can take, one per service.
+pub const ROLES: [&str; 5] = ["spool", "filter", "relay", "access", "filer"];
 
 /// The validated settings of a platform.
 #[derive(Debug, Clone)]
@@ -92,6 +100,7 @@ impl PlatformSettings {
             &file.trust,
             &mut p,
         );
+        let runs = check_roles(file.roles.as_deref(), &mut p);
         let mut filers = Vec::new();
         for (i, f) in file.filers.iter().enumerate() {
             let key = format!("filers[{i}]");
@@ -104,14 +113,25 @@ impl PlatformSettings {
             }
             filers.push(Arc::new(s));
         }
+        if !runs("filer") {
+            filers.clear();
+        }
         let spool = spool::Settings::build(&file.spool, "spool", &shared, &mut p);
-        let spool = file.spool.enabled.then(|| Arc::new(spool));
+        let spool = (runs("spool") && file.spool.enabled).then(|| Arc::new(spool));
         let access = access::Settings::build(&file.access, "access", &shared, &mut p);
-        let access = file.access.enabled.then(|| Arc::new(access));
+        let access = (runs("access") && file.access.enabled).then(|| Arc::new(access));
         let relay = relay::Settings::build(&file.relay, "relay", &shared, &mut p);
-        let relay = file.relay.enabled.then(|| Arc::new(relay));
+        let relay = (runs("relay") && file.relay.enabled).then(|| Arc::new(relay));
         let filter = filter::Settings::build(&file.filter, "filter", &shared, &mut p);
-        let filter = file.filter.enabled.then(|| Arc::new(filter));
+        let filter = (runs("filter") && file.filter.enabled).then(|| Arc::new(filter));
+        if file.roles.is_some() {
+            check_peers(
+                spool.as_deref(),
+                relay.as_deref(),
+                filter.as_deref(),
+                &mut p,
+            );
+        }
         check_listen_conflicts(
             &filers,
             spool.as_deref(),
@@ -128,6 +148,80 @@ impl PlatformSettings {
             relay,
             filter,
         })
+    }
+}
+
+/// Checks the names in `roles` and returns whether a role runs on this host.
+fn check_roles(roles: Option<&[String]>, p: &mut Problems) -> impl Fn(&str) -> bool + use<> {
+    let mut listed = Vec::new();
+    match roles {
+        None => listed.extend(ROLES.iter().map(|r| (*r).to_owned())),
+        Some(roles) => {
+            if roles.is_empty() {
+                p.push(
+                    "roles",
+                    "lists no role; name at least one of spool, filter, relay, access, filer",
+                );
+            }
+            for (i, r) in roles.iter().enumerate() {
+                let r = r.trim().to_ascii_lowercase();
+                if !ROLES.contains(&r.as_str()) {
+                    p.push(
+                        format!("roles[{i}]"),
+                        format!(
+                            "unknown role {r:?}; the roles are spool, filter, relay, access, filer"
+                        ),
+                    );
+                } else if listed.contains(&r) {
+                    p.push(format!("roles[{i}]"), format!("role {r:?} is listed twice"));
+                } else {
+                    listed.push(r);
+                }
+            }
+        }
+    }
+    move |role| listed.iter().any(|r| r == role)
+}
+
+/// On a host that runs only some roles, a service whose peer runs elsewhere needs the peer's
+/// address: "the one started here" would silently mean nowhere.
+fn check_peers(
+    spool: Option<&spool::Settings>,
+    relay: Option<&relay::Settings>,
+    filter: Option<&filter::Settings>,
+    p: &mut Problems,
+) {
+    if let Some(s) = spool {
+        if s.filter == spool::PeerRoute::Local && filter.is_none() {
+            p.push(
+                "spool.filter",
+                "the filter does not run on this host (roles): give its address, or \"none\"",
+            );
+        }
+        if s.relay == spool::PeerRoute::Local && relay.is_none() {
+            p.push(
+                "spool.relay",
+                "the relay does not run on this host (roles): give its internal address, or \"none\"",
+            );
+        }
+    }
+    if let Some(r) = relay
+        && r.hosted_route.is_none()
+        && spool.is_none()
+    {
+        p.push(
+            "relay.hosted_route",
+            "the spool does not run on this host (roles): give a spool's address (host:port)",
+        );
+    }
+    if let Some(f) = filter
+        && f.reinject.is_none()
+        && spool.is_none()
+    {
+        p.push(
+            "filter.reinject",
+            "the spool does not run on this host (roles): give a spool's reinjection address",
+        );
     }
 }
 
@@ -246,6 +340,58 @@ mod tests {
         let file: PlatformFile = config::parse(example).unwrap();
         assert!(file.access.enabled);
         PlatformSettings::build(&file).unwrap();
+    }
+
+    #[test]
+    fn roles_choose_the_services_of_a_host() {
+        let text = r#"
+            roles = ["spool"]
+            [spool]
+            filter = "192.0.2.20:10024"
+            relay = "192.0.2.30:10587"
+        "#;
+        let s = PlatformSettings::build(&config::parse(text).unwrap()).unwrap();
+        assert!(s.spool.is_some());
+        assert!(s.filter.is_none() && s.relay.is_none() && s.access.is_none());
+        assert!(s.filers.is_empty());
+
+        let text = "roles = [\"filer\", \"access\"]\n[relay]\nenabled = true\n";
+        let s = PlatformSettings::build(&config::parse(text).unwrap()).unwrap();
+        assert_eq!(s.filers.len(), 2);
+        assert!(s.access.is_some() && s.relay.is_none() && s.spool.is_none());
+
+        // No roles: everything enabled runs.
+        let s = PlatformSettings::build(&config::parse("").unwrap()).unwrap();
+        assert!(s.spool.is_some() && s.filter.is_some() && s.relay.is_some());
+    }
+
+    #[test]
+    fn roles_are_checked_and_peers_elsewhere_need_addresses() {
+        let problems = |text: &str| -> Vec<String> {
+            let file: PlatformFile = config::parse(text).unwrap();
+            match PlatformSettings::build(&file) {
+                Ok(_) => Vec::new(),
+                Err(ConfigError::Invalid(p)) => {
+                    p.as_slice().iter().map(|(k, _)| k.clone()).collect()
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        assert_eq!(
+            problems("roles = [\"spool\", \"mx\", \"spool\"]\n"),
+            ["roles[1]", "roles[2]", "spool.filter", "spool.relay"]
+        );
+        assert_eq!(problems("roles = []\n"), ["roles"]);
+        assert_eq!(
+            problems("roles = [\"relay\", \"filter\"]\n"),
+            ["relay.hosted_route", "filter.reinject"]
+        );
+        let ok = "roles = [\"relay\", \"filter\"]\n[relay]\nhosted_route = \"192.0.2.11:25\"\n\
+                  [filter]\nreinject = \"192.0.2.11:10025\"\n";
+        assert_eq!(problems(ok), Vec::<String>::new());
+        // "none" is an answer too.
+        let ok = "roles = [\"spool\"]\n[spool]\nfilter = \"none\"\nrelay = \"none\"\n";
+        assert_eq!(problems(ok), Vec::<String>::new());
     }
 
     #[test]
