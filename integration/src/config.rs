@@ -81,6 +81,8 @@ pub struct PlatformSettings {
     pub relay: Option<Arc<relay::Settings>>,
     /// The filter, unless `[filter] enabled = false`.
     pub filter: Option<Arc<filter::Settings>>,
+    /// The roles this host runs, in the order of [`ROLES`] (all of them without `roles`).
+    pub roles: Vec<String>,
 }
 
 impl PlatformSettings {
@@ -101,6 +103,11 @@ impl PlatformSettings {
             &mut p,
         );
         let runs = check_roles(file.roles.as_deref(), &mut p);
+        let roles = ROLES
+            .iter()
+            .filter(|r| runs(r))
+            .map(|r| (*r).to_owned())
+            .collect();
         let mut filers = Vec::new();
         for (i, f) in file.filers.iter().enumerate() {
             let key = format!("filers[{i}]");
@@ -147,6 +154,7 @@ impl PlatformSettings {
             access,
             relay,
             filter,
+            roles,
         })
     }
 }

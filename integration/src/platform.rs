@@ -155,6 +155,7 @@ pub async fn start(settings: PlatformSettings) -> anyhow::Result<Running> {
         access: None,
         relay: None,
         filter: None,
+        roles: settings.roles.clone(),
     };
     register_filers(&registered, directory.as_ref()).await?;
 

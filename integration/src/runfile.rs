@@ -1,5 +1,7 @@
-//! The run file `mailctl up` keeps in `<data_dir>/run/mailctl.json`, so `mailctl status` can
-//! find the running platform and its listeners.
+//! The run files `mailctl up` keeps in `<data_dir>/run/`, so `mailctl status` can find the
+//! running platform and its listeners: `mailctl.json` for a process that runs every role,
+//! `mailctl-<role>+<role>.json` for one that runs some (several processes may share a data
+//! directory when their roles do not overlap).
 
 use std::path::{Path, PathBuf};
 
@@ -14,6 +16,9 @@ pub struct RunInfo {
     pub started: u64,
     /// Every listener: (service, protocol, address).
     pub listeners: Vec<Listener>,
+    /// The roles this process runs (`spool`, `filer`, ...).
+    #[serde(default)]
+    pub roles: Vec<String>,
 }
 
 /// One bound listener.
@@ -27,14 +32,22 @@ pub struct Listener {
     pub address: String,
 }
 
-/// The run file's path.
-pub fn path(data_dir: &Path) -> PathBuf {
-    data_dir.join("run").join("mailctl.json")
+/// The run file's path for a process running `roles`.
+pub fn path(data_dir: &Path, roles: &[String]) -> PathBuf {
+    let all = crate::config::ROLES
+        .iter()
+        .all(|r| roles.iter().any(|x| x == r));
+    let name = if all {
+        "mailctl.json".to_owned()
+    } else {
+        format!("mailctl-{}.json", roles.join("+"))
+    };
+    data_dir.join("run").join(name)
 }
 
 /// Writes the run file atomically.
 pub fn write(data_dir: &Path, info: &RunInfo) -> anyhow::Result<()> {
-    let p = path(data_dir);
+    let p = path(data_dir, &info.roles);
     if let Some(dir) = p.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -42,18 +55,47 @@ pub fn write(data_dir: &Path, info: &RunInfo) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Reads the run file, if there is one.
-pub fn read(data_dir: &Path) -> anyhow::Result<Option<RunInfo>> {
-    match std::fs::read(path(data_dir)) {
-        Ok(b) => Ok(Some(serde_json::from_slice(&b)?)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e.into()),
+/// The run files of the processes alive now, ordered by process id. A run file left by a
+/// killed process is skipped (and replaced when its roles start again).
+pub fn read_alive(data_dir: &Path) -> anyhow::Result<Vec<RunInfo>> {
+    let dir = data_dir.join("run");
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut found = Vec::new();
+    for e in entries {
+        let name = e?.file_name();
+        let name = name.to_string_lossy();
+        if !(name.starts_with("mailctl") && name.ends_with(".json")) {
+            continue;
+        }
+        let bytes = match std::fs::read(dir.join(&*name)) {
+            Ok(b) => b,
+            // Removed by a process stopping right now.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let mut info: RunInfo = serde_json::from_slice(&bytes)?;
+        if info.roles.is_empty() {
+            // Written before roles existed: every role.
+            info.roles = crate::config::ROLES
+                .iter()
+                .map(|r| (*r).to_owned())
+                .collect();
+        }
+        if is_alive(info.pid) {
+            found.push(info);
+        }
     }
+    found.sort_by_key(|i| i.pid);
+    Ok(found)
 }
 
-/// Removes the run file (at shutdown).
-pub fn remove(data_dir: &Path) {
-    let _ = std::fs::remove_file(path(data_dir));
+/// Removes the run file of a process running `roles` (at shutdown).
+pub fn remove(data_dir: &Path, roles: &[String]) {
+    let _ = std::fs::remove_file(path(data_dir, roles));
 }
 
 /// Whether a process with this id is alive.

@@ -514,14 +514,16 @@ async fn up(settings: PlatformSettings) -> anyhow::Result<ExitCode> {
         )
         .init();
     let data_dir = settings.shared.data_dir.clone();
-    if let Some(info) = runfile::read(&data_dir)?
-        && runfile::is_alive(info.pid)
-        && info.pid != std::process::id()
-    {
-        bail!(
-            "mailctl up is already running with this data directory (pid {})",
-            info.pid
-        );
+    let roles = settings.roles.clone();
+    for info in runfile::read_alive(&data_dir)? {
+        let shared: Vec<&String> = info.roles.iter().filter(|r| roles.contains(r)).collect();
+        if info.pid != std::process::id() && !shared.is_empty() {
+            bail!(
+                "mailctl up is already running with this data directory (pid {}, roles {})",
+                info.pid,
+                info.roles.join(", ")
+            );
+        }
     }
     let running = platform::start(settings).await?;
     for l in &running.listeners {
@@ -534,6 +536,7 @@ async fn up(settings: PlatformSettings) -> anyhow::Result<ExitCode> {
             .map(|d| d.as_secs())
             .unwrap_or(0),
         listeners: running.listeners.clone(),
+        roles: roles.clone(),
     };
     runfile::write(&data_dir, &info)?;
     out!("mailctl up: running (pid {}); stop with Ctrl-C", info.pid);
@@ -545,7 +548,7 @@ async fn up(settings: PlatformSettings) -> anyhow::Result<ExitCode> {
         signalled.cancel();
     });
     let result = running.run_until(stop).await;
-    runfile::remove(&data_dir);
+    runfile::remove(&data_dir, &roles);
     result.map(|()| ExitCode::SUCCESS)
 }
 
@@ -587,8 +590,11 @@ async fn open(settings: &PlatformSettings) -> anyhow::Result<Arc<dyn Directory>>
 #[derive(Serialize)]
 struct Status {
     running: bool,
+    /// The first process (by id); `processes` has them all.
     pid: Option<u32>,
     started: Option<u64>,
+    /// Every `mailctl up` on this data directory, with its roles.
+    processes: Vec<ProcessStatus>,
     listeners: Vec<ListenerStatus>,
     database: String,
     domains: usize,
@@ -600,6 +606,13 @@ struct Status {
 }
 
 #[derive(Serialize)]
+struct ProcessStatus {
+    pid: u32,
+    started: u64,
+    roles: Vec<String>,
+}
+
+#[derive(Serialize)]
 struct ListenerStatus {
     service: String,
     protocol: String,
@@ -608,9 +621,9 @@ struct ListenerStatus {
 }
 
 async fn status(settings: &PlatformSettings, json: bool) -> anyhow::Result<ExitCode> {
-    let info = runfile::read(&settings.shared.data_dir)?.filter(|i| runfile::is_alive(i.pid));
+    let infos = runfile::read_alive(&settings.shared.data_dir)?;
     let mut listeners = Vec::new();
-    for l in info.iter().flat_map(|i| i.listeners.iter()) {
+    for l in infos.iter().flat_map(|i| i.listeners.iter()) {
         let reachable = match l.address.parse::<std::net::SocketAddr>() {
             Ok(a) => matches!(
                 tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(a))
@@ -629,7 +642,7 @@ async fn status(settings: &PlatformSettings, json: bool) -> anyhow::Result<ExitC
     let db = platform::open_directory(settings).await?;
     let domains = db.domains().await?;
     let filers = db.filers().await?;
-    let access_health = match (&info, &settings.access) {
+    let access_health = match (infos.first(), &settings.access) {
         (Some(_), Some(_)) => {
             let seen = access::read_health(&settings.shared.data_dir).unwrap_or_default();
             Some(
@@ -648,9 +661,17 @@ async fn status(settings: &PlatformSettings, json: bool) -> anyhow::Result<ExitC
         _ => None,
     };
     let s = Status {
-        running: info.is_some(),
-        pid: info.as_ref().map(|i| i.pid),
-        started: info.as_ref().map(|i| i.started),
+        running: !infos.is_empty(),
+        pid: infos.first().map(|i| i.pid),
+        started: infos.first().map(|i| i.started),
+        processes: infos
+            .iter()
+            .map(|i| ProcessStatus {
+                pid: i.pid,
+                started: i.started,
+                roles: i.roles.clone(),
+            })
+            .collect(),
         listeners,
         database: settings.shared.database_path.display().to_string(),
         domains: domains.len(),
@@ -662,9 +683,15 @@ async fn status(settings: &PlatformSettings, json: bool) -> anyhow::Result<ExitC
     if json {
         out!("{}", serde_json::to_string_pretty(&s)?);
     } else {
-        match s.pid {
-            Some(pid) => out!("platform: running (pid {pid})"),
-            None => out!("platform: not running"),
+        if s.processes.is_empty() {
+            out!("platform: not running");
+        }
+        for p in &s.processes {
+            out!(
+                "platform: running (pid {}, roles {})",
+                p.pid,
+                p.roles.join(", ")
+            );
         }
         for l in &s.listeners {
             let st = if l.reachable { "ok" } else { "NOT REACHABLE" };

@@ -3,7 +3,7 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::support::{fails, mailctl, ok};
+use crate::support::{Up, fails, mailctl, ok};
 
 #[test]
 fn domain_user_alias_filer_administration() {
@@ -181,6 +181,77 @@ fn up_then_status_reports_it() {
     assert!(up.wait().unwrap().success(), "up exits cleanly on SIGTERM");
     let out = mailctl(d, &["-c", "mail.toml", "status"], None);
     assert_eq!(out.status.code(), Some(3), "stopped");
+}
+
+#[test]
+fn processes_with_different_roles_share_a_data_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let common = "[access]\nimap = \"127.0.0.1:0\"\nimaps = \"\"\npop3 = \"127.0.0.1:0\"\npop3s = \"\"\n\n[spool]\nsmtp = \"127.0.0.1:0\"\nreinject = \"127.0.0.1:0\"\nfilter = \"none\"\nrelay = \"none\"\n\n[[filers]]\nname = \"filer1\"\nlmtp = \"127.0.0.1:0\"\nimap = \"127.0.0.1:0\"\npop3 = \"127.0.0.1:0\"\n";
+    std::fs::write(
+        d.join("core.toml"),
+        format!("roles = [\"spool\", \"filer\"]\n{common}"),
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("proxy.toml"),
+        format!("roles = [\"access\"]\n{common}"),
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("spool.toml"),
+        format!("roles = [\"spool\"]\n{common}"),
+    )
+    .unwrap();
+    let core = Up::start(d, "core.toml");
+    let proxy = Up::start(d, "proxy.toml");
+    let services = |s: &serde_json::Value| -> Vec<String> {
+        let mut v: Vec<String> = s["listeners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["service"].as_str().unwrap().to_owned())
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    assert_eq!(services(&core.status), ["filer1", "spool"]);
+    let out = ok(d, &["-c", "proxy.toml", "status", "--json"], None);
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(services(&status), ["access", "filer1", "spool"]);
+    let roles: Vec<String> = status["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            p["roles"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r.as_str().unwrap())
+                .collect::<Vec<_>>()
+                .join("+")
+        })
+        .collect();
+    assert_eq!(roles.len(), 2, "{status}");
+    assert!(roles.contains(&"spool+filer".to_owned()) && roles.contains(&"access".to_owned()));
+    // A role that already runs here is refused, whatever else the process would run.
+    fails(d, &["-c", "spool.toml", "up"], None, "already running");
+    // The proxy reaches the filer of the other process.
+    let imap = proxy.addr("access", "imap");
+    let mut s = std::net::TcpStream::connect(imap).unwrap();
+    let mut greeting = [0u8; 4];
+    std::io::Read::read_exact(&mut s, &mut greeting).unwrap();
+    assert_eq!(&greeting, b"* OK");
+    drop(core);
+    let out = ok(d, &["-c", "proxy.toml", "status", "--json"], None);
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        services(&status),
+        ["access"],
+        "a killed process's run file is skipped"
+    );
 }
 
 #[test]

@@ -65,7 +65,11 @@ impl Up {
             let out = mailctl(dir, &["-c", config, "status", "--json"], None);
             if out.status.success() {
                 let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-                if s["pid"].as_u64() == Some(u64::from(child.id())) {
+                let mine = s["processes"].as_array().is_some_and(|ps| {
+                    ps.iter()
+                        .any(|p| p["pid"].as_u64() == Some(u64::from(child.id())))
+                });
+                if mine {
                     break s;
                 }
             }
