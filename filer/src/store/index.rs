@@ -49,6 +49,13 @@ CREATE TABLE IF NOT EXISTS usage (
     messages INTEGER NOT NULL
 ) STRICT;
 INSERT OR IGNORE INTO usage (id, bytes, messages) VALUES (1, 0, 0);
+CREATE TABLE IF NOT EXISTS deliveries (
+    key    TEXT PRIMARY KEY,
+    folder TEXT NOT NULL,
+    uid    INTEGER NOT NULL,
+    at     INTEGER NOT NULL
+) STRICT;
+CREATE INDEX IF NOT EXISTS deliveries_at ON deliveries(at);
 "#;
 
 /// A folder as the index knows it.
@@ -396,6 +403,56 @@ impl Index {
         self.write(|tx| insert_message(tx, &path, folder, file, size, internal_date, flags, guid))
     }
 
+    /// A delivery (LMTP) of a message: like [`Index::add_message`], and its delivery key is
+    /// recorded in the same transaction, so that a redelivery of the same message (a spool
+    /// that did not see the first `250`) is recognised. Keys older than `forget_before` are
+    /// dropped. When the key is already there (a redelivery that raced the first one),
+    /// nothing is added and `Err` has the earlier delivery: the caller removes its file.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn add_delivery(
+        &mut self,
+        folder: &str,
+        file: &str,
+        size: u64,
+        internal_date: i64,
+        guid: &str,
+        key: &str,
+        forget_before: i64,
+    ) -> Result<Result<Delivered, Delivered>, StoreError> {
+        let path = self.path.clone();
+        self.write(|tx| {
+            let err = |source| StoreError::Index {
+                path: path.clone(),
+                source,
+            };
+            if let Some((_, earlier)) = earlier_delivery(tx, key, forget_before).map_err(err)? {
+                return Ok(Err(earlier));
+            }
+            let d = insert_message(tx, &path, folder, file, size, internal_date, "", guid)?;
+            tx.prepare_cached("DELETE FROM deliveries WHERE at < ?1")
+                .and_then(|mut s| s.execute([forget_before]))
+                .map_err(err)?;
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO deliveries (key, folder, uid, at) VALUES (?1, ?2, ?3, ?4)",
+            )
+            .and_then(|mut s| s.execute(params![key, folder, d.uid, internal_date]))
+            .map_err(err)?;
+            Ok(Ok(d))
+        })
+    }
+
+    /// The earlier delivery with this key, made at or after `since`, if its folder still
+    /// exists: (folder, its UIDVALIDITY, the UID the message got).
+    pub(super) fn delivered_before(
+        &mut self,
+        key: &str,
+        since: i64,
+    ) -> Result<Option<(String, Delivered)>, StoreError> {
+        let path = self.path.clone();
+        earlier_delivery(&self.conn, key, since)
+            .map_err(|source| StoreError::Index { path, source })
+    }
+
     /// Inserts several messages into `folder` in one transaction (COPY/MOVE); each entry is
     /// (file, size, internal date, flags, guid). Returns the UIDVALIDITY and the new UIDs.
     pub(super) fn add_messages(
@@ -707,6 +764,27 @@ fn folder_id(tx: &Transaction<'_>, folder: &str, path: &Path) -> Result<i64, Sto
         source,
     })?
     .ok_or_else(|| StoreError::NoFolder(folder.to_owned()))
+}
+
+fn earlier_delivery(
+    conn: &Connection,
+    key: &str,
+    since: i64,
+) -> rusqlite::Result<Option<(String, Delivered)>> {
+    conn.prepare_cached(
+        "SELECT d.folder, f.uidvalidity, d.uid FROM deliveries d
+         JOIN folders f ON f.name = d.folder WHERE d.key = ?1 AND d.at >= ?2",
+    )?
+    .query_row(params![key, since], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            Delivered {
+                uid_validity: clamp_u32(r.get(1)?),
+                uid: clamp_u32(r.get(2)?),
+            },
+        ))
+    })
+    .optional()
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -228,8 +228,21 @@ impl UserStore {
     /// Delivers a message into `folder` (created if missing) durably: file written and
     /// fsynced, linked into `cur/`, directory fsynced, index row committed. Refuses with
     /// [`StoreError::QuotaExceeded`] when `quota` (bytes, 0 = unlimited) would be exceeded.
-    /// Blocking.
+    ///
+    /// Exactly once: a message with a `Message-ID` that was delivered to this mailbox in the
+    /// last [`REDELIVERY_WINDOW`] with the same body (a spool retrying because it never saw
+    /// the first `250`: it was killed, or the filer was, between the fsync and the reply) is
+    /// not stored again; the earlier delivery is returned. Blocking.
     pub fn deliver(&self, folder: &str, data: &[u8], quota: u64) -> Result<Delivered, StoreError> {
+        let key = delivery_key(data);
+        let now_s = now();
+        let window = REDELIVERY_WINDOW.as_secs() as i64;
+        if let Some(key) = &key
+            && let Some((first, d)) = self.index().delivered_before(key, now_s - window)?
+        {
+            tracing::info!(folder = %first, uid = d.uid, "a redelivery of a message already here: not stored twice");
+            return Ok(d);
+        }
         let size = data.len() as u64;
         let (folder_dir, used) = {
             let mut ix = self.index();
@@ -242,7 +255,7 @@ impl UserStore {
         let fdir = self.dir.join(&folder_dir);
         maildir::create_tree(&fdir)?;
         let file = maildir::write_durably(&fdir, &self.host, data)?;
-        let internal_date = now();
+        let internal_date = now_s;
         let guid = content_guid(data);
         let rel = format!(
             "{}cur/{file}",
@@ -252,9 +265,27 @@ impl UserStore {
                 format!("{folder_dir}/")
             }
         );
-        let r = self
-            .index()
-            .add_message(folder, &rel, size, internal_date, "", &guid);
+        let r = match &key {
+            Some(key) => match self.index().add_delivery(
+                folder,
+                &rel,
+                size,
+                internal_date,
+                &guid,
+                key,
+                now_s - window,
+            ) {
+                Ok(Err(earlier)) => {
+                    // The same message arrived twice at once: keep the first copy only.
+                    let _ = std::fs::remove_file(self.dir.join(&rel));
+                    return Ok(earlier);
+                }
+                other => other.map(|r| r.unwrap_or_else(|d| d)),
+            },
+            None => self
+                .index()
+                .add_message(folder, &rel, size, internal_date, "", &guid),
+        };
         match r {
             Ok(d) => {
                 self.notify(folder);
@@ -593,14 +624,32 @@ impl UserStore {
                         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                         .map_or_else(now, |d| d.as_secs() as i64);
                     tracing::info!(file = %path.display(), "indexing a message file found unindexed");
-                    self.index().add_message(
-                        &f.name,
-                        &rel,
-                        data.len() as u64,
-                        mtime,
-                        "",
-                        &content_guid(&data),
-                    )?;
+                    // Its delivery key too: the spool that delivered it may not have seen the
+                    // `250` and will deliver it again.
+                    let guid = content_guid(&data);
+                    let size = data.len() as u64;
+                    let forget_before = now() - REDELIVERY_WINDOW.as_secs() as i64;
+                    match delivery_key(&data) {
+                        Some(key) => {
+                            let added = self.index().add_delivery(
+                                &f.name,
+                                &rel,
+                                size,
+                                mtime,
+                                &guid,
+                                &key,
+                                forget_before,
+                            )?;
+                            if added.is_err() {
+                                tracing::info!(file = %path.display(), "a second copy of a delivered message: removed");
+                                let _ = std::fs::remove_file(&path);
+                            }
+                        }
+                        None => {
+                            self.index()
+                                .add_message(&f.name, &rel, size, mtime, "", &guid)?;
+                        }
+                    }
                 }
             }
         }
@@ -615,6 +664,63 @@ fn join_rel(folder_dir: &str, name: &str) -> String {
     } else {
         format!("{folder_dir}/cur/{name}")
     }
+}
+
+/// How long a delivered message is remembered, so that a redelivery of it is recognised: longer
+/// than a spool's retries take after a crash.
+pub const REDELIVERY_WINDOW: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// What identifies a delivery of the same message again: its `Message-ID` and a hash of its
+/// body. Headers other than `Message-ID` are left out because every hop adds its own
+/// (`Received:`, the filter's verdict) and a redelivery passes through them again. `None`
+/// without a `Message-ID`: such messages are always stored.
+pub fn delivery_key(data: &[u8]) -> Option<String> {
+    use sha2::Digest as _;
+    let (head, body) = match data.windows(4).position(|w| w == b"\r\n\r\n") {
+        Some(i) => (&data[..i + 2], &data[i + 4..]),
+        None => return None,
+    };
+    let mut id: Option<Vec<u8>> = None;
+    let mut lines = head.split(|&b| b == b'\n').peekable();
+    while let Some(line) = lines.next() {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            continue;
+        };
+        if !line[..colon].eq_ignore_ascii_case(b"message-id") {
+            continue;
+        }
+        let mut value = line[colon + 1..].to_vec();
+        // Folded continuation lines belong to the value.
+        while let Some(next) = lines.peek() {
+            if !next.first().is_some_and(|b| *b == b' ' || *b == b'\t') {
+                break;
+            }
+            let next = next.strip_suffix(b"\r").unwrap_or(next);
+            value.extend_from_slice(next);
+            lines.next();
+        }
+        let value: Vec<u8> = value
+            .into_iter()
+            .filter(|b| !b.is_ascii_whitespace())
+            .collect();
+        if !value.is_empty() {
+            id = Some(value);
+        }
+        break;
+    }
+    let id = id?;
+    let mut h = sha2::Sha256::new();
+    h.update((id.len() as u64).to_be_bytes());
+    h.update(&id);
+    h.update(body);
+    Some(
+        h.finalize()
+            .iter()
+            .take(16)
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+    )
 }
 
 /// A stable content id: the first 128 bits of SHA-256, hex. Used to verify migrations and as

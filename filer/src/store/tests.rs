@@ -346,3 +346,50 @@ fn imported_folders_and_messages_keep_their_uids_flags_and_dates() {
             .sum::<u64>()
     );
 }
+
+#[test]
+fn a_redelivery_of_the_same_message_is_stored_once() {
+    let (_d, s) = store();
+    let u = s.user("a@example.test", 1_700_000_000).unwrap();
+    let first = b"Received: from spool1\r\nMessage-ID: <m1@x>\r\nSubject: s\r\n\r\nbody\r\n";
+    // The same message again, through other hops (other trace headers, the id folded).
+    let again =
+        b"Received: from spool2\r\nX-Spam-Status: No\r\nMessage-ID:\r\n <m1@x>\r\nSubject: s\r\n\r\nbody\r\n";
+    let a = u.deliver("INBOX", first, 0).unwrap();
+    let b = u.deliver("INBOX", again, 0).unwrap();
+    assert_eq!(a, b, "the earlier delivery is returned");
+    assert_eq!(u.messages("INBOX").unwrap().len(), 1);
+    // Another body, or no Message-ID at all: stored.
+    u.deliver("INBOX", b"Message-ID: <m1@x>\r\n\r\nother body\r\n", 0)
+        .unwrap();
+    u.deliver("INBOX", b"Subject: s\r\n\r\nbody\r\n", 0)
+        .unwrap();
+    u.deliver("INBOX", b"Subject: s\r\n\r\nbody\r\n", 0)
+        .unwrap();
+    assert_eq!(u.messages("INBOX").unwrap().len(), 4);
+    // Filed elsewhere the first time (Junk): still recognised.
+    let j = u
+        .deliver("Junk", b"Message-ID: <m2@x>\r\n\r\nspam\r\n", 0)
+        .unwrap();
+    assert_eq!(
+        u.deliver("INBOX", b"Message-ID: <m2@x>\r\n\r\nspam\r\n", 0)
+            .unwrap(),
+        j
+    );
+    assert_eq!(u.messages("INBOX").unwrap().len(), 4);
+}
+
+#[test]
+fn delivery_keys_ignore_other_headers_and_need_a_message_id() {
+    use crate::store::delivery_key;
+    let k = delivery_key(b"Message-ID: <a@b>\r\n\r\nx").unwrap();
+    assert_eq!(
+        delivery_key(b"Received: x\r\nmessage-id:   <a@b> \r\n\r\nx"),
+        Some(k.clone())
+    );
+    assert_ne!(delivery_key(b"Message-ID: <a@c>\r\n\r\nx"), Some(k.clone()));
+    assert_ne!(delivery_key(b"Message-ID: <a@b>\r\n\r\ny"), Some(k));
+    assert_eq!(delivery_key(b"Subject: x\r\n\r\nx"), None);
+    assert_eq!(delivery_key(b"Message-ID: \r\n\r\nx"), None);
+    assert_eq!(delivery_key(b"no header end"), None);
+}

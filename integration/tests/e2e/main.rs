@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers outside #[test] functions
 
 mod access;
+mod crash;
 mod filer;
 mod filter;
 mod mailctl;
