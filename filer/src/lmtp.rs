@@ -509,6 +509,10 @@ async fn deliver(
                     format!("<{}> mailbox full", r.mailbox.address),
                 )
             }
+            Ok(Err(Refusal::Store(e))) if e.is_disk_full() => {
+                tracing::error!(rcpt = %r.mailbox.address, error = %e, "disk full");
+                Reply::temp(452, "4.3.1", "insufficient system storage, try again later")
+            }
             Ok(Err(Refusal::Store(e))) => {
                 tracing::error!(rcpt = %r.mailbox.address, error = %e, "delivery failed");
                 Reply::temp(451, "4.3.0", "local error in processing, try again later")

@@ -81,7 +81,8 @@ pub struct PlatformSettings {
     pub relay: Option<Arc<relay::Settings>>,
     /// The filter, unless `[filter] enabled = false`.
     pub filter: Option<Arc<filter::Settings>>,
-    /// The roles this host runs, in the order of [`ROLES`] (all of them without `roles`).
+    /// The roles this host runs, in the order of [`ROLES`]: those listed in `roles` (all
+    /// without it) whose service is enabled.
     pub roles: Vec<String>,
 }
 
@@ -103,11 +104,6 @@ impl PlatformSettings {
             &mut p,
         );
         let runs = check_roles(file.roles.as_deref(), &mut p);
-        let roles = ROLES
-            .iter()
-            .filter(|r| runs(r))
-            .map(|r| (*r).to_owned())
-            .collect();
         let mut filers = Vec::new();
         for (i, f) in file.filers.iter().enumerate() {
             let key = format!("filers[{i}]");
@@ -147,6 +143,18 @@ impl PlatformSettings {
             filter.as_deref(),
             &mut p,
         );
+        // What really runs: a listed role whose section is disabled does not.
+        let roles = ROLES
+            .iter()
+            .filter(|r| match **r {
+                "spool" => spool.is_some(),
+                "filter" => filter.is_some(),
+                "relay" => relay.is_some(),
+                "access" => access.is_some(),
+                _ => !filers.is_empty(),
+            })
+            .map(|r| (*r).to_owned())
+            .collect();
         p.into_result(Self {
             shared: Arc::new(shared),
             filers,

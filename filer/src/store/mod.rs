@@ -80,6 +80,23 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// Whether the disk (or the filesystem quota) is full: a write or the index ran out of
+    /// space. A delivery refused for it gets `452 4.3.1` (RFC 3463) and is retried.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            Self::Io { source, .. } => matches!(
+                source.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+            ),
+            Self::Index { source, .. } => {
+                source.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull)
+            }
+            _ => false,
+        }
+    }
+}
+
 /// What a delivery produced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Delivered {

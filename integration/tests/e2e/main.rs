@@ -3,6 +3,7 @@
 
 mod access;
 mod crash;
+mod faults;
 mod filer;
 mod filter;
 mod mailctl;

@@ -343,6 +343,48 @@ async fn a_remote_mx_that_is_down_gets_the_message_when_it_is_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_mx_that_drops_before_its_final_reply_gets_the_message_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Takes the whole message twice, then closes the connection instead of answering.
+    let mx = FakeMx::start_dropping("127.0.0.1:0", 2).await;
+    config(d, mx.addr, "");
+    let up = Up::start(d, "mail.toml");
+    let client = lettre(
+        up.addr("relay", "submission").port(),
+        "bob@example.test",
+        Mechanism::Plain,
+    );
+    let msg = Message::builder()
+        .from(mailbox("bob@example.test"))
+        .to(mailbox("far@remote.test"))
+        .subject("dropped twice")
+        .body("third time lucky\r\n".to_owned())
+        .unwrap();
+    client.send(msg).await.unwrap();
+    // No reply is no delivery: the relay retries until a 250 comes, then forgets it.
+    let got = mx.wait_for(1).await;
+    assert_eq!(got[0].rcpts, ["far@remote.test"]);
+    assert!(got[0].data.contains("third time lucky"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = ok(d, &["-c", "mail.toml", "queue", "list", "--json"], None);
+        if out.trim() == "[]" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "queue never emptied: {out}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await; // polling interval
+    }
+    assert!(
+        crate::support::maildir(&d.join("data/filers/filer2"), "bob@example.test").is_empty(),
+        "no bounce for a dropped connection"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_alias_that_forwards_outside_goes_out_through_the_relay() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();

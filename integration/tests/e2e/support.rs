@@ -164,6 +164,14 @@ pub(crate) struct FakeMx {
 
 impl FakeMx {
     pub(crate) async fn start(addr: &str) -> Self {
+        Self::start_dropping(addr, 0).await
+    }
+
+    /// Like [`FakeMx::start`], but the first `drops` messages are read to their end and then
+    /// the connection is closed without a reply (and nothing is recorded): a remote MX that
+    /// crashes before its final reply.
+    pub(crate) async fn start_dropping(addr: &str, drops: usize) -> Self {
+        let drops = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(drops));
         use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -174,7 +182,7 @@ impl FakeMx {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
-                let record = record.clone();
+                let (record, drops) = (record.clone(), drops.clone());
                 tokio::spawn(async move {
                     let (r, mut w) = stream.into_split();
                     let mut r = BufReader::new(r);
@@ -223,6 +231,16 @@ impl FakeMx {
                                     break;
                                 }
                                 data.push_str(l.strip_prefix('.').unwrap_or(&l));
+                            }
+                            let dropping = drops
+                                .fetch_update(
+                                    std::sync::atomic::Ordering::SeqCst,
+                                    std::sync::atomic::Ordering::SeqCst,
+                                    |n| n.checked_sub(1),
+                                )
+                                .is_ok();
+                            if dropping {
+                                return;
                             }
                             record.lock().unwrap().push(Delivered {
                                 from: from.clone(),
