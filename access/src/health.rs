@@ -192,6 +192,9 @@ pub(crate) async fn publish(
     let path = health_path(&data_dir);
     loop {
         let snapshot = health.snapshot();
+        for (filer, h) in &snapshot {
+            common::obs::filer_health("access", filer, *h != FilerHealth::Down);
+        }
         let p = path.clone();
         let written = tokio::task::spawn_blocking(move || {
             if let Some(dir) = p.parent() {

@@ -538,6 +538,7 @@ impl Session {
     }
 
     fn accepted(&mut self, tag: String, address: String) -> Flow {
+        common::obs::auth("access", "success");
         self.access.throttle.succeeded(&address);
         Flow::LoggedIn { tag, address }
     }
@@ -546,6 +547,7 @@ impl Session {
         match verdict {
             Verdict::Accepted(address) => self.accepted(tag, address),
             Verdict::Unavailable => {
+                common::obs::auth("access", "unavailable");
                 self.line(&format!(
                     "{tag} NO [UNAVAILABLE] Temporary failure, try again later"
                 ));
@@ -553,6 +555,7 @@ impl Session {
             }
             Verdict::Rejected => {
                 // The same answer, after the same growing delay, whether the user exists.
+                common::obs::auth("access", "failure");
                 let delay = self.access.throttle.failed(self.client.peer.ip(), claimed);
                 tracing::info!(user = claimed.unwrap_or(""), ?delay, "login failed");
                 tokio::time::sleep(delay).await;

@@ -30,6 +30,7 @@ pub(crate) async fn serve(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let opts = AcceptOptions {
+        service: "access",
         protocol: match (protocol, implicit_tls) {
             (Protocol::Imap, false) => "imap",
             (Protocol::Imap, true) => "imaps",

@@ -414,6 +414,7 @@ impl Session {
     }
 
     fn accepted(&mut self, address: String) -> Flow {
+        common::obs::auth("access", "success");
         self.access.throttle.succeeded(&address);
         Flow::LoggedIn(address)
     }
@@ -422,11 +423,13 @@ impl Session {
         match verdict {
             Verdict::Accepted(address) => self.accepted(address),
             Verdict::Unavailable => {
+                common::obs::auth("access", "unavailable");
                 self.say("-ERR [SYS/TEMP] Temporary failure, try again later");
                 Flow::Continue
             }
             Verdict::Rejected => {
                 // The same answer, after the same growing delay, whether the user exists.
+                common::obs::auth("access", "failure");
                 let delay = self.access.throttle.failed(self.client.peer.ip(), claimed);
                 tracing::info!(user = claimed.unwrap_or(""), ?delay, "login failed");
                 tokio::time::sleep(delay).await;

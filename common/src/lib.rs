@@ -27,6 +27,7 @@ pub mod config;
 pub mod dns;
 pub mod location;
 pub mod net;
+pub mod obs;
 pub mod pop3;
 pub mod queue;
 pub mod sasl;

@@ -97,6 +97,8 @@ pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// What an accept loop needs besides its listener.
 #[derive(Debug, Clone)]
 pub struct AcceptOptions {
+    /// The service, for metrics (`spool`, `filer`, ...).
+    pub service: &'static str,
     /// The protocol, for logs (`lmtp`, `pop3`, ...).
     pub protocol: &'static str,
     /// Most concurrent connections; one more is sent `busy_reply` and closed.
@@ -149,6 +151,7 @@ where
             && !trusted.contains(peer.ip())
         {
             tracing::warn!(protocol = opts.protocol, %peer, "refused an untrusted peer");
+            crate::obs::connection(opts.service, opts.protocol, "untrusted");
             let reply = opts.untrusted_reply;
             tasks.spawn(async move {
                 let mut stream = stream;
@@ -158,6 +161,7 @@ where
         }
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             tracing::warn!(protocol = opts.protocol, %peer, "too many connections");
+            crate::obs::connection(opts.service, opts.protocol, "busy");
             let reply = opts.busy_reply;
             tasks.spawn(async move {
                 let mut stream = stream;
@@ -167,10 +171,13 @@ where
         };
         let id = ConnId::next();
         let span = tracing::info_span!("conn", proto = opts.protocol, conn = %id, %peer, user = tracing::field::Empty);
+        crate::obs::connection(opts.service, opts.protocol, "accepted");
+        let active = crate::obs::ActiveSession::start(opts.service, opts.protocol);
         let fut = handler(stream, peer, id);
         tasks.spawn(
             async move {
                 let _permit = permit;
+                let _active = active;
                 fut.await;
             }
             .instrument(span),

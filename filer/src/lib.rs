@@ -127,6 +127,7 @@ pub async fn serve(
     let shared = &settings.shared;
     if let Some(l) = listeners.imap {
         let opts = AcceptOptions {
+            service: "filer",
             protocol: "imap",
             max_connections: MAX_IMAP_SESSIONS,
             busy_reply: b"* BYE [UNAVAILABLE] too many connections\r\n",
@@ -146,6 +147,7 @@ pub async fn serve(
     }
     if let Some(l) = listeners.pop3 {
         let opts = AcceptOptions {
+            service: "filer",
             protocol: "pop3",
             max_connections: MAX_POP3_SESSIONS,
             busy_reply: b"-ERR [SYS/TEMP] too many connections, try again later\r\n",
@@ -164,6 +166,7 @@ pub async fn serve(
     }
     if let Some(l) = listeners.lmtp {
         let opts = AcceptOptions {
+            service: "filer",
             protocol: "lmtp",
             max_connections: MAX_LMTP_SESSIONS,
             busy_reply: b"421 4.3.2 too many connections, try again later\r\n",

@@ -494,6 +494,16 @@ async fn deliver(
         let reply = match task.await {
             Ok(Ok(d)) => {
                 tracing::info!(rcpt = %r.mailbox.address, folder, uid = d.uid, size = body.len(), "delivered");
+                common::obs::messages("filer", "stored", 1);
+                common::obs::trace(common::obs::TraceEvent {
+                    service: filer.settings.name.clone(),
+                    event: "stored".into(),
+                    message_id: common::obs::message_id(&body),
+                    from: reverse_path.to_string(),
+                    to: vec![r.mailbox.address.clone()],
+                    result: format!("{folder} uid {}", d.uid),
+                    ..common::obs::TraceEvent::default()
+                });
                 Reply::ok(
                     250,
                     "2.0.0",

@@ -161,6 +161,7 @@ pub async fn serve(
         return Ok(());
     };
     let opts = AcceptOptions {
+        service: "filter",
         protocol: "filter",
         max_connections: 200,
         busy_reply: b"421 4.3.2 too many connections, try again later\r\n",

@@ -187,6 +187,7 @@ async fn data(
         }
     }
     let message: Arc<[u8]> = message.into();
+    let started = tokio::time::Instant::now();
     let verdict = filter.scan(&message, &env).await;
     let s = &filter.settings;
     let mut out = verdict_headers(&verdict, s.tag_score).into_bytes();
@@ -209,7 +210,30 @@ async fn data(
         tracing::error!("no reinjection target configured");
         return Some(Reply::temp(451, "4.3.0", "filter has nowhere to reinject"));
     };
-    Some(reinject(s, target, &env.mail_from, &recipients, &out).await)
+    let reply = reinject(s, target, &env.mail_from, &recipients, &out).await;
+    let took = started.elapsed();
+    common::obs::messages("filter", "scanned", 1);
+    if verdict.action != Action::Pass {
+        common::obs::messages("filter", "spam", 1);
+    }
+    common::obs::trace(common::obs::TraceEvent {
+        at_us: common::obs::now_us().saturating_sub(took.as_micros() as u64),
+        service: "filter".into(),
+        event: "scanned".into(),
+        queue_id: (!env.ident.is_empty()).then(|| env.ident.clone()),
+        message_id: common::obs::message_id(&message),
+        from: env.mail_from.clone(),
+        to: recipients.clone(),
+        peer: target.to_string(),
+        result: format!(
+            "{:?} score {:.1} [{}]; reinjected: {reply}",
+            verdict.action,
+            verdict.score,
+            reasons.join(",")
+        ),
+        duration_ms: Some(took.as_millis() as u64),
+    });
+    Some(reply)
 }
 
 /// Sends the filtered message back to a spool; our answer follows its answer.

@@ -41,6 +41,39 @@ pub struct PlatformFile {
     /// `[filter]`: the anti-spam filter between the spool and the filers. Default: enabled,
     /// on `127.0.0.1:10024`.
     pub filter: filter::FileConfig,
+    /// `[admin]`: the HTTP listener for `/metrics`, the message trace and the status page.
+    pub admin: AdminFile,
+}
+
+/// `[admin]` as written in the file.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminFile {
+    /// The admin HTTP listener (`/`, `/metrics`, `/trace`, `/api/status`); `""` disables it.
+    /// Default `127.0.0.1:8025`. It has no authentication: keep it on loopback or a management
+    /// network.
+    pub listen: String,
+    /// Admin listeners of the platform's other hosts, asked by `mailctl trace`
+    /// (`["10.0.0.11:8025", ...]`). The processes on this host are found by themselves.
+    pub peers: Vec<String>,
+}
+
+impl Default for AdminFile {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8025".into(),
+            peers: Vec::new(),
+        }
+    }
+}
+
+/// The validated `[admin]` section.
+#[derive(Debug, Clone, Default)]
+pub struct AdminSettings {
+    /// Where the admin listener is bound, if anywhere.
+    pub listen: Option<std::net::SocketAddr>,
+    /// Other hosts' admin listeners.
+    pub peers: Vec<std::net::SocketAddr>,
 }
 
 impl Default for PlatformFile {
@@ -59,6 +92,7 @@ impl Default for PlatformFile {
             access: access::FileConfig::default(),
             relay: relay::FileConfig::default(),
             filter: filter::FileConfig::default(),
+            admin: AdminFile::default(),
         }
     }
 }
@@ -84,6 +118,8 @@ pub struct PlatformSettings {
     /// The roles this host runs, in the order of [`ROLES`]: those listed in `roles` (all
     /// without it) whose service is enabled.
     pub roles: Vec<String>,
+    /// The admin HTTP listener.
+    pub admin: AdminSettings,
 }
 
 impl PlatformSettings {
@@ -104,6 +140,25 @@ impl PlatformSettings {
             &mut p,
         );
         let runs = check_roles(file.roles.as_deref(), &mut p);
+        let admin = AdminSettings {
+            listen: match file.admin.listen.trim() {
+                "" => None,
+                l => p.listen("admin.listen", l),
+            },
+            peers: file
+                .admin
+                .peers
+                .iter()
+                .enumerate()
+                .filter_map(|(i, a)| match a.trim().parse() {
+                    Ok(a) => Some(a),
+                    Err(_) => {
+                        p.push(format!("admin.peers[{i}]"), "must be address:port");
+                        None
+                    }
+                })
+                .collect(),
+        };
         let mut filers = Vec::new();
         for (i, f) in file.filers.iter().enumerate() {
             let key = format!("filers[{i}]");
@@ -136,6 +191,7 @@ impl PlatformSettings {
             );
         }
         check_listen_conflicts(
+            admin.listen,
             &filers,
             spool.as_deref(),
             access.as_deref(),
@@ -163,6 +219,7 @@ impl PlatformSettings {
             relay,
             filter,
             roles,
+            admin,
         })
     }
 }
@@ -242,6 +299,7 @@ fn check_peers(
 }
 
 fn check_listen_conflicts(
+    admin: Option<std::net::SocketAddr>,
     filers: &[Arc<filer::Settings>],
     spool: Option<&spool::Settings>,
     access: Option<&access::Settings>,
@@ -271,6 +329,7 @@ fn check_listen_conflicts(
     if let Some(f) = filter {
         all.push(("filter.listen".to_owned(), f.listen));
     }
+    all.push(("admin.listen".to_owned(), admin));
     let mut seen: Vec<(std::net::SocketAddr, String)> = Vec::new();
     for (key, addr) in all {
         let Some(addr) = addr else { continue };

@@ -9,3 +9,4 @@ pub mod migrate;
 pub mod platform;
 pub mod queue;
 pub mod runfile;
+pub mod web;

@@ -94,6 +94,8 @@ fn local(l: &Option<TcpListener>) -> Option<SocketAddr> {
 /// Binds every listener the settings enable, registers the filers with their real addresses,
 /// and starts the services.
 pub async fn start(settings: PlatformSettings) -> anyhow::Result<Running> {
+    // Before any service counts anything.
+    crate::web::recorder();
     std::fs::create_dir_all(&settings.shared.data_dir)
         .with_context(|| format!("creating {}", settings.shared.data_dir.display()))?;
     // Made once here: services started together must not race to create it.
@@ -156,6 +158,7 @@ pub async fn start(settings: PlatformSettings) -> anyhow::Result<Running> {
         relay: None,
         filter: None,
         roles: settings.roles.clone(),
+        admin: settings.admin.clone(),
     };
     register_filers(&registered, directory.as_ref()).await?;
 
@@ -305,6 +308,28 @@ pub async fn start(settings: PlatformSettings) -> anyhow::Result<Running> {
         tasks.spawn(async move {
             let r = filer::serve(s, dir, l, token).await;
             (name, r.map_err(anyhow::Error::from))
+        });
+    }
+    if let Some(addr) = settings.admin.listen {
+        let l = bind(Some(addr), "admin http")
+            .await?
+            .context("binding the admin listener")?;
+        if let Ok(a) = l.local_addr() {
+            listeners.push(Listener {
+                service: "admin".into(),
+                protocol: "http".into(),
+                address: a.to_string(),
+            });
+        }
+        let web = Arc::new(crate::web::Web {
+            settings: settings.clone(),
+            directory: directory.clone(),
+            roles: settings.roles.clone(),
+        });
+        let token = shutdown.child_token();
+        tasks.spawn(async move {
+            let r = crate::web::serve(l, web, token).await;
+            ("admin".to_owned(), r.map_err(anyhow::Error::from))
         });
     }
     tracing::info!(listeners = listeners.len(), "platform started");

@@ -142,6 +142,7 @@ pub async fn serve(
     let runner = Arc::new(Runner::new(
         queue,
         RunnerSettings {
+            service: "relay",
             hostname: settings.shared.hostname.clone(),
             retry_min: settings.retry_min,
             retry_max: settings.retry_max,
@@ -209,6 +210,7 @@ async fn serve_listener(
 ) -> std::io::Result<()> {
     let implicit_tls = kind == Kind::Submissions;
     let opts = AcceptOptions {
+        service: "relay",
         protocol: match kind {
             Kind::Submission => "submission",
             Kind::Submissions => "submissions",

@@ -93,6 +93,7 @@ pub async fn serve(
     let runner = Arc::new(Runner::new(
         queue,
         RunnerSettings {
+            service: "spool",
             hostname: settings.shared.hostname.clone(),
             retry_min: settings.retry_min,
             retry_max: settings.retry_max,

@@ -49,6 +49,7 @@ pub(crate) async fn serve_mx(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let opts = AcceptOptions {
+        service: "spool",
         protocol: "smtp",
         max_connections: spool.settings.max_connections,
         busy_reply: b"421 4.3.2 too many connections, try again later\r\n",
@@ -104,6 +105,7 @@ pub(crate) async fn serve_reinject(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let opts = AcceptOptions {
+        service: "spool",
         protocol: "reinject",
         max_connections: spool.settings.max_connections,
         busy_reply: b"421 4.3.2 too many connections, try again later\r\n",

@@ -22,7 +22,12 @@ pub struct Incoming {
     body_size: u64,
     /// Bytes written to the file (our header included).
     size: u64,
+    /// The start of the client's message, for its `Message-ID`.
+    head: Vec<u8>,
 }
+
+/// Bytes of the client's message kept to find its `Message-ID`.
+const HEAD_KEPT: usize = 16 * 1024;
 
 impl Incoming {
     /// Creates the message file of a new queue entry.
@@ -35,6 +40,7 @@ impl Incoming {
             hops: HopCounter::default(),
             body_size: 0,
             size: 0,
+            head: Vec::new(),
         })
     }
 
@@ -48,6 +54,11 @@ impl Incoming {
         self.file.write_all(header.as_bytes()).await?;
         self.size += header.len() as u64;
         Ok(())
+    }
+
+    /// The client's message's `Message-ID` (when it is in its first 16 KiB).
+    pub fn message_id(&self) -> Option<String> {
+        crate::obs::message_id(&self.head)
     }
 
     /// `Received:` headers in the client's message.
@@ -76,7 +87,10 @@ impl Incoming {
         }
         let file = self.file.into_inner().into_std().await;
         let q = queue.clone();
-        blocking(move || q.commit(file, &envelope)).await
+        let started = tokio::time::Instant::now();
+        let r = blocking(move || q.commit(file, &envelope)).await;
+        crate::obs::fsync_latency("queue", started.elapsed().as_secs_f64());
+        r
     }
 
     /// Removes the file of a message that will not be queued.
@@ -97,7 +111,13 @@ impl AsyncWrite for Incoming {
         let this = &mut *self;
         let poll = Pin::new(&mut this.file).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = poll {
-            this.hops.feed(buf.get(..n).unwrap_or_default());
+            let written = buf.get(..n).unwrap_or_default();
+            this.hops.feed(written);
+            if this.head.len() < HEAD_KEPT {
+                let room = HEAD_KEPT - this.head.len();
+                this.head
+                    .extend_from_slice(written.get(..room.min(n)).unwrap_or_default());
+            }
             this.body_size += n as u64;
             this.size += n as u64;
         }

@@ -41,6 +41,8 @@ const MAX_IDLE: Duration = Duration::from_secs(60);
 /// How a runner behaves; each service fills it from its own settings.
 #[derive(Debug, Clone)]
 pub struct RunnerSettings {
+    /// The service (`spool`, `relay`), for metrics and the message trace.
+    pub service: &'static str,
     /// This host's name, for bounces.
     pub hostname: String,
     /// The first retry delay; each further retry doubles it.
@@ -399,9 +401,23 @@ async fn deliver_due(
             .iter()
             .filter_map(|&i| env.recipients.get(i).map(|r| r.address.clone()))
             .collect();
+        let started = tokio::time::Instant::now();
         let outcomes = spool.transport.deliver(env, &addrs, message.clone()).await;
+        let took = started.elapsed();
+        crate::obs::delivery_latency(settings.service, took.as_secs_f64());
+        let message_id = crate::obs::message_id(&message);
         let mut stale = Vec::new();
         for (&i, outcome) in todo.iter().zip(outcomes) {
+            if let Some(r) = env.recipients.get(i) {
+                trace_outcome(
+                    settings.service,
+                    env,
+                    &r.address,
+                    &outcome,
+                    &message_id,
+                    took,
+                );
+            }
             let Some(r) = env.recipients.get_mut(i) else {
                 continue;
             };
@@ -427,6 +443,36 @@ async fn deliver_due(
         }
         todo = stale;
     }
+}
+
+/// Counts an outcome and keeps it in the message trace.
+fn trace_outcome(
+    service: &'static str,
+    env: &Envelope,
+    rcpt: &str,
+    outcome: &Outcome,
+    message_id: &Option<String>,
+    took: Duration,
+) {
+    let (event, result) = match outcome {
+        Outcome::Delivered(r) => ("delivered", r),
+        Outcome::Failed(r) => ("bounced", r),
+        Outcome::Deferred { reason, .. } | Outcome::Stale(reason) => ("deferred", reason),
+    };
+    crate::obs::messages(service, event, 1);
+    crate::obs::trace(crate::obs::TraceEvent {
+        // When the attempt started, so a trace reads in the order the hops were taken.
+        at_us: crate::obs::now_us().saturating_sub(took.as_micros() as u64),
+        service: service.to_owned(),
+        event: event.to_owned(),
+        queue_id: Some(env.id.to_string()),
+        message_id: message_id.clone(),
+        from: env.reverse_path.clone(),
+        to: vec![rcpt.to_owned()],
+        result: result.clone(),
+        duration_ms: Some(took.as_millis() as u64),
+        ..crate::obs::TraceEvent::default()
+    });
 }
 
 /// Records one outcome in the recipient.

@@ -271,7 +271,11 @@ impl UserStore {
         }
         let fdir = self.dir.join(&folder_dir);
         maildir::create_tree(&fdir)?;
+        let started = std::time::SystemTime::now();
         let file = maildir::write_durably(&fdir, &self.host, data)?;
+        if let Ok(took) = started.elapsed() {
+            common::obs::fsync_latency("filer", took.as_secs_f64());
+        }
         let internal_date = now_s;
         let guid = content_guid(data);
         let rel = format!(

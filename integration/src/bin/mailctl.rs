@@ -38,9 +38,23 @@ enum Command {
     /// 127.0.0.1:2525, reinjection 127.0.0.1:10025; filer1 LMTP 127.0.0.1:2401, IMAP :2143,
     /// POP3 :2110; filer2 LMTP 127.0.0.1:2402, IMAP :2144, POP3 :2111 (filers serve IMAP/POP3 to
     /// the proxy only). In dev mode the proxy allows logins without TLS from loopback clients.
-    Up,
+    /// The admin HTTP listener (status page, /metrics, traces) is on 127.0.0.1:8025.
+    Up {
+        /// Log one JSON object per line (for a log shipper) instead of text.
+        #[arg(long)]
+        log_json: bool,
+    },
     /// Show whether the platform runs, its listeners, and the database's contents.
     Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Where a message went: asks every service of the platform (the processes on this data
+    /// directory and `[admin] peers`) about a queue id, a Message-ID or an address, and prints
+    /// each message's path hop by hop with times and replies.
+    Trace {
+        /// A queue id, a Message-ID (with or without <>) or an address.
+        query: String,
         #[arg(long)]
         json: bool,
     },
@@ -359,8 +373,9 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let settings = PlatformSettings::load(cli.config.as_deref())?;
     match cli.command {
-        Command::Up => up(settings).await,
+        Command::Up { log_json } => up(settings, log_json).await,
         Command::Status { json } => status(&settings, json).await,
+        Command::Trace { query, json } => trace(&settings, &query, json).await,
         Command::Config(ConfigCmd::Check) => {
             out!("configuration is valid");
             out!("data directory: {}", settings.shared.data_dir.display());
@@ -506,13 +521,19 @@ async fn interrupted() {
     }
 }
 
-async fn up(settings: PlatformSettings) -> anyhow::Result<ExitCode> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+async fn up(settings: PlatformSettings, log_json: bool) -> anyhow::Result<ExitCode> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if log_json {
+        tracing_subscriber::fmt()
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_env_filter(filter)
+            .init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
     let data_dir = settings.shared.data_dir.clone();
     let roles = settings.roles.clone();
     for info in runfile::read_alive(&data_dir)? {
@@ -603,6 +624,25 @@ struct Status {
     /// Each filer's health as the running access proxy sees it (absent when none runs).
     #[serde(skip_serializing_if = "Option::is_none")]
     access_health: Option<std::collections::BTreeMap<String, access::FilerHealth>>,
+}
+
+async fn trace(settings: &PlatformSettings, query: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let (events, failed) = integration::web::trace_everywhere(settings, query).await;
+    for (addr, e) in &failed {
+        eprintln!("mailctl trace: no answer from {addr}: {e}");
+    }
+    if json {
+        out!("{}", serde_json::to_string_pretty(&events)?);
+    } else if events.is_empty() {
+        out!("nothing known about {query:?} (the services keep their recent events in memory)");
+    } else {
+        out!("{}", integration::web::format_trace(&events).trim_end());
+    }
+    Ok(if events.is_empty() {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 #[derive(Serialize)]

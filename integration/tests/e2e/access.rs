@@ -471,7 +471,7 @@ async fn a_killed_filer_fails_fast_without_affecting_the_other_and_recovers() {
     let d = dir.path();
     std::fs::write(
         d.join("a.toml"),
-        "[platform]\ndata_dir = \"a\"\n[database]\ncache_ttl = \"100ms\"\n\
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[platform]\ndata_dir = \"a\"\n[database]\ncache_ttl = \"100ms\"\n\
          [trust]\nproxy_secret = \"shared by both processes\"\n\
          [relay]\nenabled = false\n[filter]\nenabled = false\n[access]\nimap = \"127.0.0.1:0\"\nimaps = \"\"\npop3 = \"127.0.0.1:0\"\npop3s = \"\"\n\
          login_delay = \"10ms\"\nlogin_delay_max = \"50ms\"\nfiler_failure_threshold = 3\nfiler_cooldown = \"1s\"\n\
@@ -482,7 +482,7 @@ async fn a_killed_filer_fails_fast_without_affecting_the_other_and_recovers() {
     .unwrap();
     std::fs::write(
         d.join("b.toml"),
-        "[platform]\ndata_dir = \"b\"\n[database]\nurl = \"sqlite:a/location.db\"\n\
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[platform]\ndata_dir = \"b\"\n[database]\nurl = \"sqlite:a/location.db\"\n\
          [trust]\nproxy_secret = \"shared by both processes\"\n\
          [spool]\nenabled = false\n[access]\nenabled = false\n[relay]\nenabled = false\n[filter]\nenabled = false\n\
          [[filers]]\nname = \"filer1\"\nlmtp = \"127.0.0.1:0\"\nimap = \"127.0.0.1:0\"\npop3 = \"127.0.0.1:0\"\n",

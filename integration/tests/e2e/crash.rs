@@ -71,7 +71,7 @@ impl Ports {
         let roles = roles.map_or(String::new(), |r| format!("roles = [\"{r}\"]\n"));
         let l = "127.0.0.1";
         format!(
-            "{roles}[database]\ncache_ttl = \"100ms\"\n\n\
+            "{roles}[admin]\nlisten = \"127.0.0.1:0\"\n[database]\ncache_ttl = \"100ms\"\n\n\
              [spool]\nsmtp = \"{l}:{}\"\nreinject = \"{l}:{}\"\nfilter = \"{l}:{}\"\nrelay = \"{l}:{}\"\n\
              greet_delay = \"10ms\"\nretry_min = \"100ms\"\nretry_max = \"500ms\"\nmax_connections_per_ip = 200\n\n\
              [filter]\nlisten = \"{l}:{}\"\nreinject = \"{l}:{}\"\nnetwork_checks = false\n\n\

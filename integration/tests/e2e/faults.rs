@@ -253,7 +253,7 @@ async fn a_filter_that_hangs_times_out_and_the_mail_waits_for_a_working_one() {
     let _ = hang.await;
     let reinject = up.addr("spool", "reinject");
     let filter_cfg = format!(
-        "roles = [\"filter\"]\n[filter]\nlisten = \"{filter}\"\nreinject = \"{reinject}\"\nnetwork_checks = false\n"
+        "roles = [\"filter\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n[filter]\nlisten = \"{filter}\"\nreinject = \"{reinject}\"\nnetwork_checks = false\n"
     );
     std::fs::write(d.join("filter.toml"), filter_cfg).unwrap();
     let _filter = Up::start(d, "filter.toml");

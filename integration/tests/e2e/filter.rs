@@ -211,7 +211,7 @@ async fn a_filter_that_is_down_holds_mail_in_the_spool_until_it_is_back() {
     std::fs::write(
         d.join("b.toml"),
         format!(
-            "filers = []\n[platform]\ndata_dir = \"b\"\n[database]\nurl = \"sqlite:data/location.db\"\n\
+            "filers = []\n[admin]\nlisten = \"127.0.0.1:0\"\n[platform]\ndata_dir = \"b\"\n[database]\nurl = \"sqlite:data/location.db\"\n\
              [spool]\nenabled = false\n[access]\nenabled = false\n[relay]\nenabled = false\n\
              [filter]\nlisten = \"127.0.0.1:{port}\"\nreinject = \"{reinject}\"\nnetwork_checks = false\n"
         ),

@@ -144,7 +144,7 @@ fn up_then_status_reports_it() {
     let d = dir.path();
     std::fs::write(
         d.join("mail.toml"),
-        "[relay]\nenabled = false\n\n[filter]\nenabled = false\n\n[access]\nimap = \"127.0.0.1:0\"\nimaps = \"\"\npop3 = \"127.0.0.1:0\"\npop3s = \"\"\n\n[spool]\nsmtp = \"127.0.0.1:0\"\nreinject = \"127.0.0.1:0\"\n\n[[filers]]\nname = \"filer1\"\nlmtp = \"127.0.0.1:0\"\nimap = \"127.0.0.1:0\"\npop3 = \"127.0.0.1:0\"\n",
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[relay]\nenabled = false\n\n[filter]\nenabled = false\n\n[access]\nimap = \"127.0.0.1:0\"\nimaps = \"\"\npop3 = \"127.0.0.1:0\"\npop3s = \"\"\n\n[spool]\nsmtp = \"127.0.0.1:0\"\nreinject = \"127.0.0.1:0\"\n\n[[filers]]\nname = \"filer1\"\nlmtp = \"127.0.0.1:0\"\nimap = \"127.0.0.1:0\"\npop3 = \"127.0.0.1:0\"\n",
     )
     .unwrap();
     let out = mailctl(d, &["-c", "mail.toml", "status"], None);
@@ -187,7 +187,7 @@ fn up_then_status_reports_it() {
 fn processes_with_different_roles_share_a_data_directory() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let common = "[access]\nimap = \"127.0.0.1:0\"\nimaps = \"\"\npop3 = \"127.0.0.1:0\"\npop3s = \"\"\n\n[spool]\nsmtp = \"127.0.0.1:0\"\nreinject = \"127.0.0.1:0\"\nfilter = \"none\"\nrelay = \"none\"\n\n[[filers]]\nname = \"filer1\"\nlmtp = \"127.0.0.1:0\"\nimap = \"127.0.0.1:0\"\npop3 = \"127.0.0.1:0\"\n";
+    let common = "[admin]\nlisten = \"127.0.0.1:0\"\n[access]\nimap = \"127.0.0.1:0\"\nimaps = \"\"\npop3 = \"127.0.0.1:0\"\npop3s = \"\"\n\n[spool]\nsmtp = \"127.0.0.1:0\"\nreinject = \"127.0.0.1:0\"\nfilter = \"none\"\nrelay = \"none\"\n\n[[filers]]\nname = \"filer1\"\nlmtp = \"127.0.0.1:0\"\nimap = \"127.0.0.1:0\"\npop3 = \"127.0.0.1:0\"\n";
     std::fs::write(
         d.join("core.toml"),
         format!("roles = [\"spool\", \"filer\"]\n{common}"),
@@ -216,10 +216,10 @@ fn processes_with_different_roles_share_a_data_directory() {
         v.dedup();
         v
     };
-    assert_eq!(services(&core.status), ["filer1", "spool"]);
+    assert_eq!(services(&core.status), ["admin", "filer1", "spool"]);
     let out = ok(d, &["-c", "proxy.toml", "status", "--json"], None);
     let status: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(services(&status), ["access", "filer1", "spool"]);
+    assert_eq!(services(&status), ["access", "admin", "filer1", "spool"]);
     let roles: Vec<String> = status["processes"]
         .as_array()
         .unwrap()
@@ -249,7 +249,7 @@ fn processes_with_different_roles_share_a_data_directory() {
     let status: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(
         services(&status),
-        ["access"],
+        ["access", "admin"],
         "a killed process's run file is skipped"
     );
 }

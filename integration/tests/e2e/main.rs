@@ -8,6 +8,7 @@ mod filer;
 mod filter;
 mod mailctl;
 mod migrate;
+mod observe;
 mod relay;
 mod spool;
 mod support;

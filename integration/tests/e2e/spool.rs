@@ -194,14 +194,14 @@ async fn mail_waits_for_a_filer_that_is_down_and_arrives_once_it_is_back() {
     // Process A runs the spool and filer1; process B runs filer2 on the same database.
     std::fs::write(
         d.join("a.toml"),
-        "[platform]\ndata_dir = \"a\"\n[database]\ncache_ttl = \"100ms\"\n[access]\nenabled = false\n[relay]\nenabled = false\n[filter]\nenabled = false\n\
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[platform]\ndata_dir = \"a\"\n[database]\ncache_ttl = \"100ms\"\n[access]\nenabled = false\n[relay]\nenabled = false\n[filter]\nenabled = false\n\
          [spool]\nsmtp = \"127.0.0.1:0\"\nreinject = \"127.0.0.1:0\"\ngreet_delay = \"0s\"\nretry_min = \"100ms\"\nretry_max = \"300ms\"\n\
          [[filers]]\nname = \"filer1\"\nlmtp = \"127.0.0.1:0\"\nimap = \"127.0.0.1:0\"\npop3 = \"127.0.0.1:0\"\n",
     )
     .unwrap();
     std::fs::write(
         d.join("b.toml"),
-        "[platform]\ndata_dir = \"b\"\n[database]\nurl = \"sqlite:a/location.db\"\n[spool]\nenabled = false\n[access]\nenabled = false\n[relay]\nenabled = false\n[filter]\nenabled = false\n\
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[platform]\ndata_dir = \"b\"\n[database]\nurl = \"sqlite:a/location.db\"\n[spool]\nenabled = false\n[access]\nenabled = false\n[relay]\nenabled = false\n[filter]\nenabled = false\n\
          [[filers]]\nname = \"filer2\"\nlmtp = \"127.0.0.1:0\"\nimap = \"127.0.0.1:0\"\npop3 = \"127.0.0.1:0\"\n",
     )
     .unwrap();

@@ -138,6 +138,7 @@ impl Session {
                             Err(flow) => return (state, written(), flow),
                         }
                     }
+                    common::obs::auth("relay", "success");
                     self.relay.throttle.succeeded(&address);
                     tracing::info!(user = %address, mechanism = mechanism.as_str(), "authenticated");
                     tracing::Span::current().record("user", address.as_str());
@@ -149,12 +150,14 @@ impl Session {
                     );
                 }
                 Step::Failure(Failure::Unavailable) => {
+                    common::obs::auth("relay", "unavailable");
                     return refuse(
                         state,
                         Reply::temp(454, "4.7.0", "temporary authentication failure"),
                     );
                 }
                 Step::Failure(Failure::Rejected | Failure::Malformed) => {
+                    common::obs::auth("relay", "failure");
                     let ip = conn.peer().ip();
                     return self.failed(state, &exchange, ip).await;
                 }

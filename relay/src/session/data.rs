@@ -280,6 +280,9 @@ impl Session {
         }
         let rcpts = tx.recipients.len();
         let size = incoming.size();
+        let message_id = incoming.message_id();
+        let to = tx.recipients.clone();
+        let from = tx.reverse_path.to_string();
         let envelope = Envelope {
             id: id.clone(),
             reverse_path: tx.reverse_path.to_string(),
@@ -305,7 +308,24 @@ impl Session {
             Ok(()) => {
                 tracing::info!(queue_id = %id, user, rcpts, size, dkim = !signature.is_empty(), "queued");
                 self.relay.runner.schedule(id.clone(), 0);
-                Reply::ok(250, "2.0.0", format!("queued as {id}"))
+                let reply = Reply::ok(250, "2.0.0", format!("queued as {id}"));
+                common::obs::messages("relay", "accepted", 1);
+                common::obs::trace(common::obs::TraceEvent {
+                    service: "relay".into(),
+                    event: "received".into(),
+                    queue_id: Some(id.to_string()),
+                    message_id,
+                    from,
+                    to,
+                    peer: if user.is_empty() {
+                        conn.peer.ip().to_string()
+                    } else {
+                        format!("{} ({user})", conn.peer.ip())
+                    },
+                    result: reply.to_string(),
+                    ..common::obs::TraceEvent::default()
+                });
+                reply
             }
             Err(e) => e.reply(),
         }

@@ -178,6 +178,9 @@ impl Session {
     ) -> Reply {
         let id = message.id().clone();
         let rcpts = tx.recipients.len();
+        let message_id = message.message_id();
+        let to: Vec<String> = tx.recipients.iter().map(|r| r.address.clone()).collect();
+        let from = tx.reverse_path.to_string();
         let envelope = Envelope {
             id: id.clone(),
             reverse_path: tx.reverse_path.to_string(),
@@ -199,7 +202,20 @@ impl Session {
             Ok(()) => {
                 tracing::info!(queue_id = %id, rcpts, size, "queued");
                 self.spool.runner.schedule(id.clone(), 0);
-                Reply::ok(250, "2.0.0", format!("queued as {id}"))
+                let reply = Reply::ok(250, "2.0.0", format!("queued as {id}"));
+                common::obs::messages("spool", "accepted", 1);
+                common::obs::trace(common::obs::TraceEvent {
+                    service: "spool".into(),
+                    event: "received".into(),
+                    queue_id: Some(id.to_string()),
+                    message_id,
+                    from,
+                    to,
+                    peer: conn.peer.ip().to_string(),
+                    result: reply.to_string().trim_end().to_owned(),
+                    ..common::obs::TraceEvent::default()
+                });
+                reply
             }
             Err(e) => e.reply(),
         }

@@ -55,7 +55,19 @@ impl Session {
                     tx.forward_paths.push(to.address);
                     Reply::ok(250, "2.1.5", "recipient ok")
                 }
-                Err(reply) => reply,
+                Err(reply) => {
+                    common::obs::messages("spool", "refused", 1);
+                    common::obs::trace(common::obs::TraceEvent {
+                        service: "spool".into(),
+                        event: "refused".into(),
+                        from: tx.reverse_path.to_string(),
+                        to: vec![to.address.clone()],
+                        peer: self.id.to_string(),
+                        result: reply.to_string().trim_end().to_owned(),
+                        ..common::obs::TraceEvent::default()
+                    });
+                    reply
+                }
             }
         };
         (State::Mail { hello, tx }, reply, Flow::Continue)
