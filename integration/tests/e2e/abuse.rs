@@ -1,0 +1,706 @@
+//! Abuse, end to end: each class of hostile client against the assembled platform (one
+//! `mailctl up` per test, ephemeral ports, a temporary directory), with the exact answer and
+//! the proof that nothing else changed: nothing queued or delivered, and the session (or a
+//! new one) still works.
+//!
+//! The tests are grouped by listener: the spool's SMTP (smuggling, open-relay tricks, XFORWARD,
+//! BDAT, long lines, recipient floods, mail loops) and the relay's submission (AUTH).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::Engine as _;
+use tokio::io::{AsyncBufReadExt as _, AsyncRead, AsyncWrite, AsyncWriteExt as _, BufReader};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, timeout};
+
+use crate::support::{EPHEMERAL_CONFIG, Up, maildir, ok, wait_for_maildir};
+
+/// Every user's password.
+const PASSWORD: &str = "secret pw";
+/// The config file in each test's directory.
+const CONFIG: &str = "mail.toml";
+/// The longest wait for any one line from a server.
+const READ_DEADLINE: Duration = Duration::from_secs(10);
+/// A line of ten megabytes, sent without a line ending.
+const HUGE_LINE: usize = 10 * 1024 * 1024;
+
+// ---------------------------------------------------------------------------------------------
+// The spool's SMTP listener
+// ---------------------------------------------------------------------------------------------
+
+/// SMTP smuggling (CVE-2023-51766 and friends): only CRLF.CRLF ends DATA. Each variant of a
+/// bare CR/LF dot is sent inside a transaction to alice that smuggles a "second message" to
+/// bob behind it. Every transaction gets exactly one `250`, the next command's reply is the
+/// next one read, alice gets one message per transaction with the smuggled text inside it, and
+/// bob gets nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smtp_smuggling_variants_deliver_exactly_one_message_each() {
+    let p = Platform::start(|_| {});
+    let mut c = Conn::connect(p.addr("spool", "smtp")).await;
+    assert_eq!(c.reply().await, "220 localhost ESMTP");
+    c.cmd("EHLO client.test").await;
+    let variants: [&[u8]; 8] = [
+        b"\n.\n", b"\r.\r", b"\r\n.\n", b"\n.\r\n", b"\r.\r\n", b"\r\n.\r", b"\r.\n", b"\n.\r",
+    ];
+    for (i, v) in variants.iter().enumerate() {
+        c.send("MAIL FROM:<sender@remote.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+            .await;
+        assert!(c.reply().await.starts_with("250 2.1.0"));
+        assert!(c.reply().await.starts_with("250 2.1.5"));
+        assert!(c.reply().await.starts_with("354 "));
+        let mut body = format!("Subject: variant {i}\r\n\r\nbefore").into_bytes();
+        body.extend_from_slice(v);
+        body.extend_from_slice(
+            format!(
+                "MAIL FROM:<evil@remote.test>\r\nRCPT TO:<bob@example.test>\r\nDATA\r\n\
+                 Subject: smuggled {i}\r\n\r\nevil\r\n.\r\n"
+            )
+            .as_bytes(),
+        );
+        c.send(&body).await;
+        let reply = c.reply().await;
+        assert!(
+            reply.starts_with("250 2.0.0 queued as "),
+            "variant {i} {v:?}: {reply}"
+        );
+        // Had the smuggled commands run, their replies would come before this one.
+        assert_eq!(c.cmd("NOOP").await, "250 2.0.0 ok", "variant {i} {v:?}");
+    }
+    assert_eq!(
+        c.cmd("QUIT").await,
+        "221 2.0.0 localhost closing connection"
+    );
+    c.closed().await;
+
+    let msgs = wait_for_maildir(&p.root("filer1"), "alice@example.test", variants.len());
+    let mut subjects: Vec<String> = msgs.iter().map(|m| subject(m)).collect();
+    subjects.sort();
+    let want: Vec<String> = (0..variants.len())
+        .map(|i| format!("variant {i}"))
+        .collect();
+    assert_eq!(subjects, want);
+    for m in &msgs {
+        let i = subject(m).trim_start_matches("variant ").to_owned();
+        assert!(
+            m.contains(&format!("Subject: smuggled {i}")) && m.contains("evil@remote.test"),
+            "the smuggled text stays inside its message: {m}"
+        );
+    }
+    p.wait_for_empty_queue();
+    assert_eq!(p.inbox("bob@example.test"), Vec::<String>::new());
+}
+
+/// Open-relay tricks at the spool, unauthenticated: old routing syntax that a sloppier next hop
+/// could route elsewhere is refused recipient by recipient, and nothing is queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_relay_tricks_are_refused_and_nothing_is_queued() {
+    let p = Platform::start(|_| {});
+    let mut c = Conn::connect(p.addr("spool", "smtp")).await;
+    assert_eq!(c.reply().await, "220 localhost ESMTP");
+    c.cmd("EHLO client.test").await;
+    assert!(
+        c.cmd("MAIL FROM:<spammer@remote.test>")
+            .await
+            .starts_with("250 2.1.0")
+    );
+    let denied = "554 5.7.1 relay access denied";
+    // Refused by the command parser already.
+    let syntax = "501 5.1.3 bad recipient address syntax";
+    let tricks = [
+        ("alice%other.test@example.test", denied),
+        ("alice@other.test@example.test", syntax),
+        ("\"alice@other.test\"@example.test", denied),
+        ("@example.test:alice@other.test", denied),
+        ("alice@[127.0.0.1]", syntax),
+        ("alice!other.test", syntax),
+        ("other.test!alice@example.test", denied),
+    ];
+    let mut got = Vec::new();
+    for (rcpt, _) in tricks {
+        got.push((rcpt, c.cmd(&format!("RCPT TO:<{rcpt}>")).await));
+    }
+    let want: Vec<(&str, String)> = tricks.iter().map(|(r, w)| (*r, (*w).to_owned())).collect();
+    assert_eq!(got, want);
+    assert_eq!(c.cmd("DATA").await, "554 5.5.1 no valid recipients");
+    // Eight refusals, within the error budget of ten: the session goes on.
+    assert_eq!(c.cmd("NOOP").await, "250 2.0.0 ok");
+    assert_eq!(
+        c.cmd("QUIT").await,
+        "221 2.0.0 localhost closing connection"
+    );
+    c.closed().await;
+    p.assert_nothing_queued_or_delivered();
+}
+
+/// XFORWARD from a client outside `trust.spool_networks`: the MX listener neither offers nor
+/// accepts it (a message sent after it is recorded with the real client), and the listeners
+/// that would believe it (filter, reinjection, the relay's internal one, LMTP) refuse the
+/// connection outright.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn xforward_from_an_untrusted_client_is_not_believed() {
+    let p = Platform::start(|c| {
+        set(c, "trust", "spool_networks", vec!["192.0.2.0/24"]);
+        set(c, "filter", "enabled", true);
+    });
+    let mut c = Conn::connect(p.addr("spool", "smtp")).await;
+    assert_eq!(c.reply().await, "220 localhost ESMTP");
+    let ehlo = c.cmd("EHLO client.test").await;
+    assert!(!ehlo.contains("XFORWARD"), "{ehlo}");
+    assert_eq!(
+        c.cmd("XFORWARD NAME=spoofed.test ADDR=203.0.113.9 HELO=spoofed.test PROTO=ESMTP")
+            .await,
+        "500 5.5.1 command not recognized"
+    );
+    let id = c
+        .send_message(
+            "sender@remote.test",
+            &["alice@example.test"],
+            b"Subject: after xforward\r\n\r\nbody\r\n",
+        )
+        .await;
+    assert_eq!(
+        c.cmd("QUIT").await,
+        "221 2.0.0 localhost closing connection"
+    );
+    // The spool cannot hand it on (the filter and the filers do not trust loopback here); it
+    // waits in the queue, recorded with the real client.
+    let q = p.queue();
+    assert_eq!(q.len(), 1, "{q:#?}");
+    assert_eq!(q[0]["id"], id.as_str());
+    assert_eq!(q[0]["client_ip"], "127.0.0.1");
+    assert_eq!(q[0]["helo"], "client.test");
+    let shown = ok(p.d(), &["-c", CONFIG, "queue", "show", &id], None);
+    assert!(
+        shown.contains("Received: from client.test (127.0.0.1)")
+            && !shown.contains("203.0.113.9")
+            && !shown.contains("spoofed"),
+        "{shown}"
+    );
+
+    for (service, protocol, refusal) in [
+        (
+            "filter",
+            "smtp",
+            "554 5.7.1 the filter is not available to you",
+        ),
+        (
+            "spool",
+            "reinject",
+            "554 5.7.1 reinjection is not available to you",
+        ),
+        (
+            "relay",
+            "internal",
+            "554 5.7.1 this listener is for the platform's spools only",
+        ),
+        ("filer1", "lmtp", "554 5.7.1 LMTP is not available to you"),
+    ] {
+        let mut c = Conn::connect(p.addr(service, protocol)).await;
+        assert_eq!(c.reply().await, refusal, "{service} {protocol}");
+        c.closed().await;
+    }
+    assert_eq!(p.queue().len(), 1);
+    assert_eq!(p.inbox("alice@example.test"), Vec::<String>::new());
+}
+
+/// `BDAT 99999999999999999999 LAST`: a chunk size past `u64::MAX` is a syntax error (it must
+/// not wrap around to a small size, which would run the rest of the chunk as commands). The
+/// transaction survives and a real chunk then delivers exactly one message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bdat_with_a_huge_size_is_refused_and_the_session_goes_on() {
+    let p = Platform::start(|_| {});
+    let mut c = Conn::connect(p.addr("spool", "smtp")).await;
+    assert_eq!(c.reply().await, "220 localhost ESMTP");
+    let ehlo = c.cmd("EHLO client.test").await;
+    assert!(ehlo.lines().any(|l| &l[4..] == "CHUNKING"), "{ehlo}");
+    assert!(
+        c.cmd("MAIL FROM:<sender@remote.test>")
+            .await
+            .starts_with("250 2.1.0")
+    );
+    assert!(
+        c.cmd("RCPT TO:<alice@example.test>")
+            .await
+            .starts_with("250 2.1.5")
+    );
+    assert_eq!(
+        c.cmd("BDAT 99999999999999999999 LAST").await,
+        "501 5.5.4 syntax: BDAT chunk-size [LAST]"
+    );
+    assert_eq!(c.cmd("NOOP").await, "250 2.0.0 ok");
+    assert!(p.queue().is_empty());
+    let msg = b"Subject: chunked\r\n\r\nNOOP\r\nQUIT\r\n";
+    c.send(format!("BDAT {} LAST\r\n", msg.len())).await;
+    c.send(msg).await;
+    assert!(c.reply().await.starts_with("250 2.0.0 queued as "));
+    assert_eq!(
+        c.cmd("QUIT").await,
+        "221 2.0.0 localhost closing connection"
+    );
+    c.closed().await;
+    let got = wait_for_maildir(&p.root("filer1"), "alice@example.test", 1);
+    assert!(
+        got[0].ends_with("Subject: chunked\r\n\r\nNOOP\r\nQUIT\r\n"),
+        "{}",
+        got[0]
+    );
+    p.wait_for_empty_queue();
+}
+
+/// A 10 MB command line without a line ending, to the spool and to the proxy's POP3: answered
+/// once as too long (`500 5.5.2`, `-ERR Line too long`) while the rest is skipped as it
+/// arrives, the session goes on once the line ends, and the platform's memory does not grow by
+/// the size of the line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ten_megabyte_line_is_cut_off_on_smtp_and_pop3() {
+    let p = Platform::start(|_| {});
+    let rss_before = p.settled_rss().await;
+
+    let mut c = Conn::connect(p.addr("spool", "smtp")).await;
+    assert_eq!(c.reply().await, "220 localhost ESMTP");
+    c.cmd("EHLO client.test").await;
+    let t = Instant::now();
+    c.send("NOOP ").await;
+    c.send_huge_line().await;
+    assert_eq!(c.reply().await, "500 5.5.2 line too long");
+    // The rest of the line is skipped up to its end, not taken as a command.
+    c.send("\r\n").await;
+    assert_eq!(c.cmd("NOOP").await, "250 2.0.0 ok");
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+    assert_eq!(
+        c.cmd("QUIT").await,
+        "221 2.0.0 localhost closing connection"
+    );
+
+    let mut c = Conn::connect(p.addr("access", "pop3")).await;
+    assert_eq!(c.line().await, "+OK localhost POP3 ready");
+    let t = Instant::now();
+    c.send("USER ").await;
+    c.send_huge_line().await;
+    assert_eq!(c.line().await, "-ERR Line too long");
+    c.send("\r\nUSER alice@example.test\r\n").await;
+    assert_eq!(c.line().await, "+OK");
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+    c.send("QUIT\r\n").await;
+    assert_eq!(c.line().await, "+OK localhost Bye");
+    c.closed().await;
+
+    let growth = p.rss().saturating_sub(rss_before);
+    assert!(
+        growth < HUGE_LINE as u64 / 2,
+        "the platform grew by {growth} bytes"
+    );
+    p.assert_nothing_queued_or_delivered();
+}
+
+/// 10,000 recipients in one transaction: the first `max_recipients` (100) are accepted, every
+/// further one gets the temporary `452 4.5.3` (which does not count against the error budget,
+/// so the session is not closed), and the message reaches each accepted mailbox exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_recipients_get_452_past_the_limit_and_deliver_once() {
+    let p = Platform::start(|_| {});
+    let stream = TcpStream::connect(p.addr("spool", "smtp")).await.unwrap();
+    let (r, mut w) = stream.into_split();
+    let mut r = Conn::new(r);
+    assert_eq!(r.reply().await, "220 localhost ESMTP");
+    // Pipelined; the replies are read while the commands are written.
+    let writer = tokio::spawn(async move {
+        let mut batch = String::from("EHLO client.test\r\nMAIL FROM:<sender@remote.test>\r\n");
+        for i in 0..10_000 {
+            let to = if i % 2 == 0 { "alice" } else { "bob" };
+            batch.push_str(&format!("RCPT TO:<{to}@example.test>\r\n"));
+        }
+        w.write_all(batch.as_bytes()).await.unwrap();
+        w
+    });
+    r.reply().await; // EHLO
+    assert!(r.reply().await.starts_with("250 2.1.0"));
+    let mut replies = std::collections::BTreeMap::<String, usize>::new();
+    for _ in 0..10_000 {
+        *replies.entry(r.reply().await).or_default() += 1;
+    }
+    let want: std::collections::BTreeMap<String, usize> = [
+        ("250 2.1.5 recipient ok".to_owned(), 100),
+        ("452 4.5.3 too many recipients".to_owned(), 9_900),
+    ]
+    .into();
+    assert_eq!(replies, want);
+    let mut w = writer.await.unwrap();
+    w.write_all(b"DATA\r\n").await.unwrap();
+    assert!(r.reply().await.starts_with("354 "));
+    w.write_all(b"Subject: flood\r\n\r\nonce\r\n.\r\n")
+        .await
+        .unwrap();
+    assert!(r.reply().await.starts_with("250 2.0.0 queued as "));
+    w.write_all(b"QUIT\r\n").await.unwrap();
+    assert_eq!(r.reply().await, "221 2.0.0 localhost closing connection");
+    for (user, filer) in [
+        ("alice@example.test", "filer1"),
+        ("bob@example.test", "filer2"),
+    ] {
+        let msgs = wait_for_maildir(&p.root(filer), user, 1);
+        assert_eq!(subject(&msgs[0]), "flood");
+    }
+    p.wait_for_empty_queue();
+    // Delivered once: nothing more arrives while the queue is empty.
+    assert_eq!(p.inbox("alice@example.test").len(), 1);
+    assert_eq!(p.inbox("bob@example.test").len(), 1);
+}
+
+/// A mail loop: a message that already carries 60 `Received:` headers (the limit is 50) is
+/// refused with `554 5.4.6` at the end of DATA, nothing is queued, and the session goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_with_sixty_received_headers_is_refused_as_a_loop() {
+    let p = Platform::start(|_| {});
+    let mut c = Conn::connect(p.addr("spool", "smtp")).await;
+    assert_eq!(c.reply().await, "220 localhost ESMTP");
+    c.cmd("EHLO client.test").await;
+    let mut msg = String::new();
+    for i in 0..60 {
+        msg.push_str(&format!(
+            "Received: from hop{i}.test by hop{}.test; Thu, 1 Jan 2026 00:00:00 +0000\r\n",
+            i + 1
+        ));
+    }
+    msg.push_str("Subject: looping\r\n\r\nround and round\r\n");
+    c.send("MAIL FROM:<sender@remote.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+        .await;
+    assert!(c.reply().await.starts_with("250 2.1.0"));
+    assert!(c.reply().await.starts_with("250 2.1.5"));
+    assert!(c.reply().await.starts_with("354 "));
+    c.send(format!("{msg}.\r\n")).await;
+    assert_eq!(
+        c.reply().await,
+        "554 5.4.6 too many hops, mail loop detected"
+    );
+    assert_eq!(c.cmd("NOOP").await, "250 2.0.0 ok");
+    assert_eq!(
+        c.cmd("QUIT").await,
+        "221 2.0.0 localhost closing connection"
+    );
+    p.assert_nothing_queued_or_delivered();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The relay's submission listener
+// ---------------------------------------------------------------------------------------------
+
+/// AUTH PLAIN at the relay with a 1 MB initial response (over the 4096-byte line limit:
+/// `500 5.5.2 line too long`), with invalid base64 (`501 5.5.2`), and the same as answers to
+/// the `334` challenge; the session goes on and a real login then succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_auth_with_a_huge_or_malformed_response_is_refused() {
+    let p = Platform::start(|_| {});
+    let mut c = Conn::connect(p.addr("relay", "submission")).await;
+    assert_eq!(c.reply().await, "220 localhost ESMTP submission");
+    let ehlo = c.cmd("EHLO client.test").await;
+    assert!(
+        ehlo.ends_with("250 AUTH SCRAM-SHA-256 PLAIN LOGIN"),
+        "{ehlo}"
+    );
+    let huge = base64::engine::general_purpose::STANDARD.encode(vec![b'a'; 768 * 1024]);
+    assert_eq!(
+        c.cmd(&format!("AUTH PLAIN {huge}")).await,
+        "500 5.5.2 line too long"
+    );
+    assert_eq!(c.cmd("NOOP").await, "250 2.0.0 ok");
+    assert_eq!(
+        c.cmd("AUTH PLAIN !!!not-base64!!!").await,
+        "501 5.5.2 cannot decode the initial response"
+    );
+    assert_eq!(c.cmd("AUTH PLAIN").await, "334 ");
+    assert_eq!(c.cmd(&huge).await, "500 5.5.2 line too long");
+    assert_eq!(c.cmd("NOOP").await, "250 2.0.0 ok");
+    assert_eq!(c.cmd("AUTH PLAIN").await, "334 ");
+    assert_eq!(
+        c.cmd("!!!not-base64!!!").await,
+        "501 5.5.2 cannot decode the response"
+    );
+    // Not authenticated by any of it.
+    assert_eq!(
+        c.cmd("MAIL FROM:<alice@example.test>").await,
+        "530 5.7.0 authentication required"
+    );
+    assert_eq!(
+        c.cmd(&format!(
+            "AUTH PLAIN {}",
+            plain("", "alice@example.test", PASSWORD)
+        ))
+        .await,
+        "235 2.7.0 authentication successful"
+    );
+    assert_eq!(
+        c.cmd("QUIT").await,
+        "221 2.0.0 localhost closing connection"
+    );
+    c.closed().await;
+    p.assert_nothing_queued_or_delivered();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+/// A running platform in its own directory: `example.test` with alice on filer1 and bob on
+/// filer2, both with [`PASSWORD`].
+struct Platform {
+    dir: tempfile::TempDir,
+    up: Up,
+}
+
+impl Platform {
+    /// Starts the platform with [`EPHEMERAL_CONFIG`] changed by `edit`.
+    fn start(edit: impl FnOnce(&mut toml::Table)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let mut config: toml::Table = EPHEMERAL_CONFIG.parse().unwrap();
+        edit(&mut config);
+        std::fs::write(d.join(CONFIG), toml::to_string(&config).unwrap()).unwrap();
+        ok(d, &["-c", CONFIG, "domain", "add", "example.test"], None);
+        for (user, filer) in [
+            ("alice@example.test", "filer1"),
+            ("bob@example.test", "filer2"),
+        ] {
+            ok(
+                d,
+                &["-c", CONFIG, "user", "add", user, "--filer", filer],
+                Some(&format!("{PASSWORD}\n")),
+            );
+        }
+        let up = Up::start(d, CONFIG);
+        Self { dir, up }
+    }
+
+    fn d(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn addr(&self, service: &str, protocol: &str) -> SocketAddr {
+        self.up.addr(service, protocol)
+    }
+
+    /// A filer's mail root.
+    fn root(&self, filer: &str) -> PathBuf {
+        self.d().join("data/filers").join(filer)
+    }
+
+    /// `user`'s INBOX on its filer.
+    fn inbox(&self, user: &str) -> Vec<String> {
+        let filer = if user.starts_with("alice") {
+            "filer1"
+        } else {
+            "filer2"
+        };
+        maildir(&self.root(filer), user)
+    }
+
+    /// `mailctl queue list --json`: the spool's and the relay's queues.
+    fn queue(&self) -> Vec<serde_json::Value> {
+        let out = ok(self.d(), &["-c", CONFIG, "queue", "list", "--json"], None);
+        serde_json::from_str::<serde_json::Value>(&out)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+
+    /// Waits (with a deadline) until both queues are empty.
+    fn wait_for_empty_queue(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let q = self.queue();
+            if q.is_empty() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the queue never emptied: {q:#?}");
+            std::thread::sleep(Duration::from_millis(20)); // polling interval, not synchronisation
+        }
+    }
+
+    /// Nothing is queued anywhere and neither user got mail.
+    fn assert_nothing_queued_or_delivered(&self) {
+        assert_eq!(self.queue(), Vec::<serde_json::Value>::new());
+        for user in ["alice@example.test", "bob@example.test"] {
+            assert_eq!(self.inbox(user), Vec::<String>::new(), "{user}");
+        }
+    }
+
+    /// The resident memory of the `mailctl up` process, in bytes, once every service is
+    /// serving: each listener with a greeting has sent it (the relay and the proxy greet only
+    /// once their password verifier, with its argon2 memory, is set up).
+    async fn settled_rss(&self) -> u64 {
+        for (service, protocol) in [
+            ("spool", "smtp"),
+            ("relay", "submission"),
+            ("access", "imap"),
+            ("access", "pop3"),
+        ] {
+            Conn::connect(self.addr(service, protocol))
+                .await
+                .line()
+                .await;
+        }
+        self.rss()
+    }
+
+    /// The resident memory of the `mailctl up` process, in bytes.
+    fn rss(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.up.child.id())).unwrap();
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap();
+        kib * 1024
+    }
+}
+
+/// Sets `key` in `section` of a config (in every `[[filers]]` entry for `filers`).
+fn set(config: &mut toml::Table, section: &str, key: &str, value: impl Into<toml::Value>) {
+    let value = value.into();
+    match config
+        .entry(section)
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+    {
+        toml::Value::Table(t) => {
+            t.insert(key.into(), value);
+        }
+        toml::Value::Array(entries) => {
+            for e in entries {
+                e.as_table_mut().unwrap().insert(key.into(), value.clone());
+            }
+        }
+        other => panic!("[{section}] is {other}"),
+    }
+}
+
+/// A SASL PLAIN response (RFC 4616), base64-encoded.
+fn plain(authzid: &str, authcid: &str, password: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(format!("{authzid}\0{authcid}\0{password}"))
+}
+
+/// The Subject of a stored message.
+fn subject(msg: &str) -> String {
+    msg.split("\r\nSubject: ")
+        .nth(1)
+        .and_then(|s| s.split("\r\n").next())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// A client connection: lines and SMTP replies read with a deadline each.
+struct Conn<S> {
+    io: BufReader<S>,
+}
+
+impl Conn<TcpStream> {
+    async fn connect(addr: SocketAddr) -> Self {
+        let stream = timeout(READ_DEADLINE, TcpStream::connect(addr))
+            .await
+            .unwrap()
+            .unwrap();
+        Self::new(stream)
+    }
+}
+
+impl<S: AsyncRead + Unpin> Conn<S> {
+    fn new(stream: S) -> Self {
+        Self {
+            io: BufReader::new(stream),
+        }
+    }
+
+    /// The next line without its line ending, or `None` once the server closed the connection
+    /// (a reset counts as closed).
+    async fn read_line_or_close(&mut self) -> Option<String> {
+        let mut buf = Vec::new();
+        match self.io.read_until(b'\n', &mut buf).await {
+            Ok(0) | Err(_) if buf.is_empty() => None,
+            _ => Some(
+                String::from_utf8_lossy(&buf)
+                    .trim_end_matches(['\r', '\n'])
+                    .to_owned(),
+            ),
+        }
+    }
+
+    /// The next line; fails if the server closes or says nothing within [`READ_DEADLINE`].
+    async fn line(&mut self) -> String {
+        timeout(READ_DEADLINE, self.read_line_or_close())
+            .await
+            .expect("a line within the deadline")
+            .expect("a line, not the end of the connection")
+    }
+
+    /// An SMTP reply up to its last line; the lines joined with `\n`.
+    async fn reply(&mut self) -> String {
+        let mut lines = Vec::new();
+        loop {
+            let l = self.line().await;
+            let last = l.as_bytes().get(3) != Some(&b'-');
+            lines.push(l);
+            if last {
+                return lines.join("\n");
+            }
+        }
+    }
+
+    /// Expects the server to close the connection without sending anything more.
+    async fn closed(&mut self) {
+        let next = timeout(READ_DEADLINE, self.read_line_or_close())
+            .await
+            .expect("closed within the deadline");
+        assert_eq!(next, None, "expected the end of the connection");
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
+    async fn send(&mut self, bytes: impl AsRef<[u8]>) {
+        timeout(READ_DEADLINE, self.io.get_mut().write_all(bytes.as_ref()))
+            .await
+            .expect("written within the deadline")
+            .unwrap();
+    }
+
+    /// Sends an SMTP command line and returns the reply.
+    async fn cmd(&mut self, line: &str) -> String {
+        self.send(format!("{line}\r\n")).await;
+        self.reply().await
+    }
+
+    /// Sends [`HUGE_LINE`] bytes of `x` in 64 KiB writes.
+    async fn send_huge_line(&mut self) {
+        let chunk = vec![b'x'; 64 * 1024];
+        for _ in 0..HUGE_LINE / chunk.len() {
+            self.send(&chunk).await;
+        }
+    }
+
+    /// MAIL, RCPT and DATA (pipelined), the message and its end; returns the queue id.
+    async fn send_message(&mut self, from: &str, to: &[&str], msg: &[u8]) -> String {
+        let mut commands = format!("MAIL FROM:<{from}>\r\n");
+        for t in to {
+            commands.push_str(&format!("RCPT TO:<{t}>\r\n"));
+        }
+        commands.push_str("DATA\r\n");
+        self.send(commands).await;
+        let reply = self.reply().await;
+        assert!(reply.starts_with("250 2.1.0"), "{reply}");
+        for _ in to {
+            let reply = self.reply().await;
+            assert!(reply.starts_with("250 2.1.5"), "{reply}");
+        }
+        let reply = self.reply().await;
+        assert!(reply.starts_with("354 "), "{reply}");
+        self.send(msg).await;
+        self.send(".\r\n").await;
+        let reply = self.reply().await;
+        reply
+            .strip_prefix("250 2.0.0 queued as ")
+            .unwrap_or_else(|| panic!("{reply}"))
+            .to_owned()
+    }
+}
