@@ -4,7 +4,8 @@
 //! new one) still works.
 //!
 //! The tests are grouped by listener: the spool's SMTP (smuggling, open-relay tricks, XFORWARD,
-//! BDAT, long lines, recipient floods, mail loops) and the relay's submission (AUTH).
+//! BDAT, long lines, recipient floods, mail loops), the relay's submission (AUTH) and the access
+//! proxy's IMAP and POP3 (literal bombs, nesting, ID spoofing, brute force).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -440,6 +441,214 @@ async fn relay_auth_with_a_huge_or_malformed_response_is_refused() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The access proxy's IMAP and POP3 listeners
+// ---------------------------------------------------------------------------------------------
+
+/// IMAP at the proxy before login: a literal bomb (`{100000000}`) is refused before the client
+/// sends it (no `+`), a non-synchronising one closes the connection; 10,000 nested parentheses
+/// (over the 8 KiB line limit) close the connection with `* BYE Line too long`, 4,000 (within
+/// it) are a syntax error and the session goes on; a 10 MB line without CRLF is cut off after
+/// 8 KiB. The platform's memory does not grow by the size of the line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imap_prelogin_literal_bombs_deep_nesting_and_endless_lines_are_bounded() {
+    let p = Platform::start(|_| {});
+    let imap = p.addr("access", "imap");
+    let rss_before = p.settled_rss().await;
+
+    let mut c = Conn::connect(imap).await;
+    assert!(c.line().await.starts_with("* OK [CAPABILITY "));
+    c.send("a LOGIN {100000000}\r\n").await;
+    assert_eq!(
+        c.line().await,
+        "a BAD [TOOBIG] Literal larger than 8192 bytes before login"
+    );
+    c.send("b NOOP\r\n").await;
+    assert_eq!(c.line().await, "b OK NOOP completed");
+    c.send("c LOGIN {100000000+}\r\n").await;
+    assert_eq!(c.line().await, "* BYE [TOOBIG] Literal too large");
+    c.closed().await;
+
+    let mut c = Conn::connect(imap).await;
+    c.line().await;
+    c.send(format!("a ID {}\r\n", "(".repeat(10_000))).await;
+    assert_eq!(c.line().await, "* BYE Line too long");
+    c.closed().await;
+
+    let mut c = Conn::connect(imap).await;
+    c.line().await;
+    c.send(format!("a ID {}\r\n", "(".repeat(4_000))).await;
+    assert_eq!(c.line().await, "a BAD Syntax error");
+    c.send(format!("b SEARCH {}\r\n", "(".repeat(4_000))).await;
+    assert_eq!(c.line().await, "b BAD Command not available before login");
+    c.send("c NOOP\r\n").await;
+    assert_eq!(c.line().await, "c OK NOOP completed");
+
+    let mut c = Conn::connect(imap).await;
+    c.line().await;
+    let t = Instant::now();
+    let mut line = b"a LOGIN ".to_vec();
+    line.resize(HUGE_LINE, b'x');
+    assert_eq!(c.send_until_closed(line).await, ["* BYE Line too long"]);
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+
+    let growth = p.rss().saturating_sub(rss_before);
+    assert!(
+        growth < HUGE_LINE as u64 / 2,
+        "the platform grew by {growth} bytes"
+    );
+    // A client behaving normally is served as usual.
+    let mut c = Conn::connect(imap).await;
+    c.line().await;
+    c.send(format!("a LOGIN alice@example.test \"{PASSWORD}\"\r\n"))
+        .await;
+    assert!(c.line().await.starts_with("a OK [CAPABILITY "));
+}
+
+/// AUTHENTICATE PLAIN at the proxy with invalid base64 (as an initial response and as the
+/// answer to `+`) and with a 1 MB response; POP3 `AUTH PLAIN` likewise. None logs in, each is
+/// answered exactly, and a good login then works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_authenticate_with_a_huge_or_malformed_response_is_refused() {
+    let p = Platform::start(|_| {});
+    let huge = base64::engine::general_purpose::STANDARD.encode(vec![b'a'; 768 * 1024]);
+
+    let mut c = Conn::connect(p.addr("access", "imap")).await;
+    c.line().await;
+    c.send("a AUTHENTICATE PLAIN !!!not-base64!!!\r\n").await;
+    assert_eq!(c.line().await, "a BAD Syntax error");
+    c.send("b AUTHENTICATE PLAIN\r\n").await;
+    assert_eq!(c.line().await, "+ ");
+    c.send("!!!not-base64!!!\r\n").await;
+    assert_eq!(c.line().await, "b BAD Malformed authentication data");
+    c.send("c AUTHENTICATE PLAIN\r\n").await;
+    assert_eq!(c.line().await, "+ ");
+    let lines = c
+        .send_until_closed(format!("{huge}\r\n").into_bytes())
+        .await;
+    assert_eq!(lines, ["* BYE Line too long"]);
+
+    let mut c = Conn::connect(p.addr("access", "imap")).await;
+    c.line().await;
+    let lines = c
+        .send_until_closed(format!("a AUTHENTICATE PLAIN {huge}\r\n").into_bytes())
+        .await;
+    assert_eq!(lines, ["* BYE Line too long"]);
+
+    let mut c = Conn::connect(p.addr("access", "pop3")).await;
+    c.line().await;
+    c.send("AUTH PLAIN !!!not-base64!!!\r\n").await;
+    assert_eq!(c.line().await, "-ERR [AUTH] Malformed initial response");
+    c.send("AUTH PLAIN\r\n").await;
+    assert_eq!(c.line().await, "+ ");
+    c.send("!!!not-base64!!!\r\n").await;
+    assert_eq!(c.line().await, "-ERR [AUTH] Malformed response");
+    c.send("AUTH PLAIN\r\n").await;
+    assert_eq!(c.line().await, "+ ");
+    c.send(format!("{huge}\r\n")).await;
+    assert_eq!(c.line().await, "-ERR [AUTH] Response too long");
+    c.send(format!(
+        "AUTH PLAIN {}\r\n",
+        plain("", "alice@example.test", PASSWORD)
+    ))
+    .await;
+    assert_eq!(c.line().await, "+OK Logged in");
+
+    let mut c = Conn::connect(p.addr("access", "imap")).await;
+    c.line().await;
+    c.send(format!(
+        "a AUTHENTICATE PLAIN {}\r\n",
+        plain("", "alice@example.test", PASSWORD)
+    ))
+    .await;
+    assert!(c.line().await.starts_with("a OK [CAPABILITY "));
+}
+
+/// ID spoofing: a client's `ID ("x-originating-ip" ...)` before login is answered by the proxy
+/// itself and never reaches the filer, which logs the address the proxy saw; one sent after
+/// login is relayed to the filer, which answers it and does not believe it either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_id_claiming_another_address_is_not_believed() {
+    let p = Platform::start_logging(|_| {});
+    let mut c = Conn::connect(p.addr("access", "imap")).await;
+    c.line().await;
+    c.send("a ID (\"x-originating-ip\" \"203.0.113.9\" \"x-originating-port\" \"4444\")\r\n")
+        .await;
+    assert_eq!(c.line().await, "* ID (\"name\" \"mail-platform access\")");
+    assert_eq!(c.line().await, "a OK ID completed");
+    c.send(format!("b LOGIN alice@example.test \"{PASSWORD}\"\r\n"))
+        .await;
+    assert!(c.line().await.starts_with("b OK [CAPABILITY "));
+    c.send("c ID (\"x-originating-ip\" \"203.0.113.9\")\r\n")
+        .await;
+    assert_eq!(c.line().await, "* ID (\"name\" \"mail-platform filer\")");
+    assert_eq!(c.line().await, "c OK ID completed");
+    c.send("d LOGOUT\r\n").await;
+    assert!(c.line().await.starts_with("* BYE"));
+
+    // The filer logged the client's real address, as the proxy passed it.
+    let log = p.wait_for_log("client address from the proxy");
+    let line = log
+        .lines()
+        .find(|l| l.contains("client address from the proxy"))
+        .unwrap();
+    assert!(line.contains("client=127.0.0.1"), "{line}");
+    assert!(!log.contains("203.0.113.9"), "{log}");
+}
+
+/// Brute force at the proxy: five failed logins for an existing user and five for an unknown
+/// one (from two client addresses, so each series has its own throttle): the same answer, a
+/// delay that doubles with each failure, and timings that do not tell the two apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn brute_force_gets_growing_delays_that_do_not_reveal_which_users_exist() {
+    let base = Duration::from_millis(50);
+    let p = Platform::start(|c| {
+        set(c, "access", "login_delay", "50ms");
+        set(c, "access", "login_delay_max", "2s");
+    });
+    let imap = p.addr("access", "imap");
+    let (mut existing, mut unknown) = (Vec::new(), Vec::new());
+    for _ in 0..5 {
+        existing.push(failed_login(imap, "127.0.0.2", "alice@example.test").await);
+        unknown.push(failed_login(imap, "127.0.0.3", "nobody@example.test").await);
+    }
+    for (i, (e, u)) in existing.iter().zip(&unknown).enumerate() {
+        assert_eq!(e.0, "a NO [AUTHENTICATIONFAILED] Authentication failed");
+        assert_eq!(u.0, e.0);
+        // The delay doubles with each failure: 50, 100, 200, 400, 800 ms (plus the argon2
+        // verification, which both pay).
+        let delay = base * (1 << i);
+        assert!(e.1 >= delay && u.1 >= delay, "failure {i}: {e:?} {u:?}");
+    }
+    assert!(existing[4].1 > existing[0].1 && unknown[4].1 > unknown[0].1);
+    let median = |v: &[(String, Duration)]| {
+        let mut t: Vec<Duration> = v.iter().map(|(_, t)| *t).collect();
+        t.sort();
+        t[t.len() / 2]
+    };
+    let ratio = median(&existing).as_secs_f64() / median(&unknown).as_secs_f64();
+    assert!(
+        (0.5..=2.0).contains(&ratio),
+        "existing {existing:?} unknown {unknown:?}"
+    );
+    // The real user still logs in (from a third address).
+    let mut c = Conn::connect_from(imap, "127.0.0.4").await;
+    c.line().await;
+    c.send(format!("a LOGIN alice@example.test \"{PASSWORD}\"\r\n"))
+        .await;
+    assert!(c.line().await.starts_with("a OK [CAPABILITY "));
+}
+
+/// One failed IMAP LOGIN from `source` on a new connection: the answer and the time it took.
+async fn failed_login(imap: SocketAddr, source: &str, user: &str) -> (String, Duration) {
+    let mut c = Conn::connect_from(imap, source).await;
+    c.line().await;
+    let t = Instant::now();
+    c.send(format!("a LOGIN {user} wrong-password\r\n")).await;
+    let answer = c.line().await;
+    (answer, t.elapsed())
+}
+
+// ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
@@ -448,11 +657,21 @@ async fn relay_auth_with_a_huge_or_malformed_response_is_refused() {
 struct Platform {
     dir: tempfile::TempDir,
     up: Up,
+    log: Option<PathBuf>,
 }
 
 impl Platform {
     /// Starts the platform with [`EPHEMERAL_CONFIG`] changed by `edit`.
     fn start(edit: impl FnOnce(&mut toml::Table)) -> Self {
+        Self::start_inner(edit, false)
+    }
+
+    /// Like [`Platform::start`], keeping the platform's log.
+    fn start_logging(edit: impl FnOnce(&mut toml::Table)) -> Self {
+        Self::start_inner(edit, true)
+    }
+
+    fn start_inner(edit: impl FnOnce(&mut toml::Table), logging: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         let mut config: toml::Table = EPHEMERAL_CONFIG.parse().unwrap();
@@ -469,8 +688,12 @@ impl Platform {
                 Some(&format!("{PASSWORD}\n")),
             );
         }
-        let up = Up::start(d, CONFIG);
-        Self { dir, up }
+        let log = logging.then(|| d.join("platform.log"));
+        let up = match &log {
+            Some(log) => Up::start_logging(d, CONFIG, log),
+            None => Up::start(d, CONFIG),
+        };
+        Self { dir, up, log }
     }
 
     fn d(&self) -> &Path {
@@ -556,6 +779,20 @@ impl Platform {
             .unwrap();
         kib * 1024
     }
+
+    /// Waits (with a deadline) until the platform's log contains `text`; returns the log.
+    fn wait_for_log(&self, text: &str) -> String {
+        let path = self.log.as_ref().expect("started with start_logging");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = std::fs::read_to_string(path).unwrap_or_default();
+            if log.contains(text) {
+                return log;
+            }
+            assert!(Instant::now() < deadline, "{text:?} never logged: {log}");
+            std::thread::sleep(Duration::from_millis(20)); // polling interval, not synchronisation
+        }
+    }
 }
 
 /// Sets `key` in `section` of a config (in every `[[filers]]` entry for `filers`).
@@ -603,6 +840,45 @@ impl Conn<TcpStream> {
             .unwrap()
             .unwrap();
         Self::new(stream)
+    }
+
+    /// Connects from the loopback address `source`, so the proxy sees another client.
+    async fn connect_from(addr: SocketAddr, source: &str) -> Self {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket
+            .bind(SocketAddr::new(source.parse().unwrap(), 0))
+            .unwrap();
+        let stream = timeout(READ_DEADLINE, socket.connect(addr))
+            .await
+            .unwrap()
+            .unwrap();
+        Self::new(stream)
+    }
+
+    /// Sends `bytes` (in the background, as long as the server reads) and returns every line
+    /// the server sends until it closes the connection, within [`READ_DEADLINE`].
+    async fn send_until_closed(self, bytes: Vec<u8>) -> Vec<String> {
+        assert!(self.io.buffer().is_empty());
+        let (r, mut w) = self.io.into_inner().into_split();
+        let writer = tokio::spawn(async move {
+            for chunk in bytes.chunks(64 * 1024) {
+                if w.write_all(chunk).await.is_err() {
+                    return; // closed by the server
+                }
+            }
+        });
+        let mut r = Conn::new(r);
+        let mut lines = Vec::new();
+        let deadline = Instant::now() + READ_DEADLINE;
+        loop {
+            match tokio::time::timeout_at(deadline, r.read_line_or_close()).await {
+                Ok(Some(l)) => lines.push(l),
+                Ok(None) => break,
+                Err(_) => panic!("not closed within {READ_DEADLINE:?}, sent {lines:?}"),
+            }
+        }
+        writer.abort();
+        lines
     }
 }
 
