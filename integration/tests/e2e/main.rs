@@ -1,6 +1,7 @@
 //! End-to-end tests: the platform assembled, driven through its real binaries and protocols.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers outside #[test] functions
 
+mod abuse;
 mod access;
 mod crash;
 mod faults;

@@ -53,13 +53,29 @@ impl Up {
     /// Starts `mailctl -c CONFIG up` and waits (with a deadline) until `status` reports it running
     /// with every listener reachable.
     pub(crate) fn start(dir: &Path, config: &str) -> Self {
-        let child = Command::new(env!("CARGO_BIN_EXE_mailctl"))
+        Self::start_with_log(dir, config, None)
+    }
+
+    /// Like [`Up::start`], with the platform's log (`info` and up, no colours) written to `log`.
+    pub(crate) fn start_logging(dir: &Path, config: &str, log: &Path) -> Self {
+        Self::start_with_log(dir, config, Some(log))
+    }
+
+    fn start_with_log(dir: &Path, config: &str, log: Option<&Path>) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_mailctl"));
+        command
             .args(["-c", config, "up"])
             .current_dir(dir)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+            .stderr(Stdio::null());
+        if let Some(log) = log {
+            let file = std::fs::File::create(log).unwrap();
+            command
+                .env("RUST_LOG", "info")
+                .env("NO_COLOR", "1")
+                .stdout(file);
+        }
+        let child = command.spawn().unwrap();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         let status = loop {
             let out = mailctl(dir, &["-c", config, "status", "--json"], None);
