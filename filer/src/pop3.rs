@@ -24,6 +24,9 @@ use crate::store::{MessageMeta, UserStore};
 
 /// RFC 1939 §3: the autologout timer must be at least 10 minutes.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// Time to log in at all, however the bytes trickle in: the proxy logs in at once, so a
+/// session that takes longer is not the proxy's.
+pub(crate) const PRELOGIN_LIFETIME: Duration = Duration::from_secs(10);
 /// Failed logins before the connection is closed.
 const MAX_AUTH_FAILURES: u32 = 3;
 /// Bad commands before the connection is closed.
@@ -89,6 +92,8 @@ struct Conn {
     pos: usize,
     len: usize,
     out: Vec<u8>,
+    /// Until login: when the session must have logged in.
+    login_by: Option<tokio::time::Instant>,
 }
 
 enum Input {
@@ -106,6 +111,7 @@ impl Conn {
             pos: 0,
             len: 0,
             out: Vec::new(),
+            login_by: Some(tokio::time::Instant::now() + PRELOGIN_LIFETIME),
         }
     }
 
@@ -137,7 +143,10 @@ impl Conn {
                 }
             }
             self.flush().await?;
-            let n = tokio::time::timeout(IDLE_TIMEOUT, self.stream.read(&mut self.buf))
+            let wait = self.login_by.map_or(IDLE_TIMEOUT, |by| {
+                IDLE_TIMEOUT.min(by.saturating_duration_since(tokio::time::Instant::now()))
+            });
+            let n = tokio::time::timeout(wait, self.stream.read(&mut self.buf))
                 .await
                 .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "idle"))??;
             if n == 0 {
@@ -190,7 +199,9 @@ pub(crate) async fn session(filer: Arc<Filer>, stream: BoxStream, shutdown: Canc
             }
             Ok(Input::Closed) => return, // a dropped connection deletes nothing
             Err(e) => {
-                if e.kind() == io::ErrorKind::TimedOut {
+                if e.kind() == io::ErrorKind::TimedOut && c.login_by.is_some() {
+                    c.say("-ERR [SYS/TEMP] took too long to log in");
+                } else if e.kind() == io::ErrorKind::TimedOut {
                     c.say("-ERR [SYS/TEMP] autologout: idle for too long");
                 } else {
                     return;
@@ -254,6 +265,7 @@ pub(crate) async fn session(filer: Arc<Filer>, stream: BoxStream, shutdown: Canc
                             tracing::info!(messages = d.messages.len(), "pop3 login");
                             c.say("+OK maildrop locked and ready");
                             drop = Some(d);
+                            c.login_by = None;
                         }
                         Err(reply) => {
                             c.say(reply);

@@ -60,7 +60,7 @@ pub struct FileConfig {
     pub login_failure_window: String,
     /// Time allowed for each command. Default: `"5m"`.
     pub command_timeout: String,
-    /// Time allowed for each read during DATA. Default: `"10m"`.
+    /// Time allowed for a whole message to arrive. Default: `"10m"`.
     pub data_timeout: String,
     /// How long a message may wait before its pending recipients are bounced. Default: `"5d"`.
     pub queue_lifetime: String,
@@ -191,7 +191,7 @@ pub struct Settings {
     pub throttle: ThrottleSettings,
     /// Time for each command.
     pub command_timeout: Duration,
-    /// Time for each read during DATA.
+    /// Time for a whole message to arrive.
     pub data_timeout: Duration,
     /// Queue lifetime.
     pub queue_lifetime: Duration,

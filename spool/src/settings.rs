@@ -40,7 +40,7 @@ pub struct FileConfig {
     pub greet_delay: String,
     /// Time allowed for each command. Default: `"5m"` (RFC 5321 §4.5.3.2.7).
     pub command_timeout: String,
-    /// Time allowed for each read during DATA/BDAT. Default: `"10m"`.
+    /// Time allowed for a whole message to arrive (DATA, or one BDAT chunk). Default: `"10m"`.
     pub data_timeout: String,
     /// How long a message may wait in the queue before its pending recipients are bounced.
     /// Recipients held by the platform (mailbox being moved, filer unreachable) never expire.
@@ -159,7 +159,7 @@ pub struct Settings {
     pub greet_delay: Duration,
     /// Time for each command.
     pub command_timeout: Duration,
-    /// Time for each read during DATA/BDAT.
+    /// Time for a whole message to arrive (DATA, or one BDAT chunk).
     pub data_timeout: Duration,
     /// Queue lifetime.
     pub queue_lifetime: Duration,

@@ -35,6 +35,9 @@ use crate::store::{FlagOp, StoreError, UserStore};
 const AUTH_IDLE: Duration = Duration::from_secs(31 * 60);
 /// Before login (only the proxy connects, and it logs in at once).
 const PRELOGIN_IDLE: Duration = Duration::from_secs(60);
+/// Time to log in at all, however the bytes trickle in: the proxy logs in at once, so a
+/// session that takes longer is not the proxy's.
+const PRELOGIN_LIFETIME: Duration = Duration::from_secs(10);
 /// Bad commands before the connection is closed.
 const MAX_ERRORS: u32 = 20;
 /// Longest command without literals.
@@ -159,6 +162,7 @@ impl Session {
 
     async fn drive(&mut self, shutdown: CancellationToken) -> std::io::Result<()> {
         let mut buf = vec![0u8; 64 * 1024];
+        let login_by = tokio::time::Instant::now() + PRELOGIN_LIFETIME;
         let mut watch = tokio::time::interval(crate::residency_check(&self.filer.settings));
         watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -189,8 +193,9 @@ impl Session {
             // 2. One write for everything queued.
             self.flush().await?;
             // 3. Wait for the client, a change to announce while idling, or shutdown.
-            let idle = if matches!(self.state, State::NotAuthenticated) {
-                PRELOGIN_IDLE
+            let prelogin = matches!(self.state, State::NotAuthenticated);
+            let idle = if prelogin {
+                PRELOGIN_IDLE.min(login_by.saturating_duration_since(tokio::time::Instant::now()))
             } else {
                 AUTH_IDLE
             };
@@ -205,6 +210,11 @@ impl Session {
                     return Ok(());
                 }
                 r = tokio::time::timeout(idle, self.stream.read(&mut buf)) => match r {
+                    Err(_) if prelogin => {
+                        self.line("* BYE took too long to log in");
+                        self.flush().await?;
+                        return Ok(());
+                    }
                     Err(_) => {
                         self.line("* BYE autologout: idle for too long");
                         self.flush().await?;

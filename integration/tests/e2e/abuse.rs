@@ -885,11 +885,6 @@ async fn slowloris_is_cut_off_on_every_listener() {
 /// Slowloris inside DATA at the spool's MX: a message that arrives at a byte a second must be
 /// cut off within a bounded time, as a command is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "BUG: DATA and BDAT have only a per-read timeout (data_timeout: Connection::read_data \
-            and read_bdat in common/src/smtp/server/mod.rs wait `after(data_timeout)` for each \
-            read), and the session limit is a hard-coded hour (limits() in spool, relay, filter \
-            and filer), so a client trickling one byte a second inside DATA holds its session, \
-            and one of max_connections_per_ip, for up to an hour whatever data_timeout says"]
 async fn slowloris_inside_data_is_cut_off() {
     let p = Platform::start(|c| {
         set(c, "spool", "command_timeout", "3s");
@@ -907,10 +902,6 @@ async fn slowloris_inside_data_is_cut_off() {
 /// `trust.proxy_networks`): a peer that keeps sending a byte a second before logging in must
 /// be cut off within a bounded time, as on every other listener.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "BUG: the filer's IMAP and POP3 sessions have no pre-login time budget and no \
-            setting for one: their idle timers (filer/src/imap/session.rs PRELOGIN_IDLE 60 s, \
-            filer/src/pop3.rs IDLE_TIMEOUT 600 s) restart with every read, so a peer inside \
-            trust.proxy_networks that trickles one byte a second holds the session forever"]
 async fn slowloris_is_cut_off_on_the_filers_imap_and_pop3() {
     let p = Platform::start(|_| {});
     let runs: Vec<_> = ["imap", "pop3"]

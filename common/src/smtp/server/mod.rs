@@ -13,9 +13,9 @@
 //!   is about to wait for the peer, not while pipelined commands are still buffered.
 //! - **STARTTLS** discards every byte buffered before the handshake (the command injection
 //!   class of CVE-2021-33515).
-//! - **Deadlines.** Every command must arrive within [`Limits::command_timeout`], every read
-//!   during DATA within [`Limits::data_timeout`], and the whole session ends after
-//!   [`Limits::session_timeout`]. All use `tokio::time`, so tests can pause time.
+//! - **Deadlines.** Every command must arrive within [`Limits::command_timeout`], a whole
+//!   message (DATA, or one BDAT chunk) within [`Limits::data_timeout`], and the whole session
+//!   ends after [`Limits::session_timeout`]. All use `tokio::time`, so tests can pause time.
 //!
 //! Errors that reach the client map to their reply in one place, [`ReadError::reply`]; whether
 //! to go on after an error (say, close after ten bad commands) is the service's decision.
@@ -97,8 +97,9 @@ pub struct Limits {
     /// (default 300 s, RFC 5321 §4.5.3.2.7). Measured per command, not per read, so a client
     /// sending one byte at a time gains nothing. At the limit: `421 4.4.2` and close.
     pub command_timeout: Duration,
-    /// Time for each read while receiving DATA or BDAT (default 600 s). At the limit:
-    /// `421 4.4.2` and close.
+    /// Time for a whole message to arrive after `354` (DATA), or for a whole BDAT chunk
+    /// (default 600 s). Measured per transfer, not per read, so a client trickling a byte at a
+    /// time cannot hold a session longer. At the limit: `421 4.4.2` and close.
     pub data_timeout: Duration,
     /// Total time a session may last, from [`Connection::new`] (default 1 h). Checked at every
     /// read; at the limit: `421 4.4.2` and close.
@@ -452,12 +453,13 @@ impl Connection {
     /// Reads a message after the caller has queued `354`: streams it into `sink`
     /// dot-unstuffed, with every line ending as CRLF (see [`DataDecoder`]), up to the
     /// `CRLF.CRLF` end, which is not written. Over [`Limits::max_message_size`] it stops
-    /// writing but reads on to the real end and returns [`DataEnd::TooBig`]. Each read must
-    /// arrive within [`Limits::data_timeout`]. The sink is flushed, not shut down.
+    /// writing but reads on to the real end and returns [`DataEnd::TooBig`]. The whole message
+    /// must arrive within [`Limits::data_timeout`]. The sink is flushed, not shut down.
     pub async fn read_data<W>(&mut self, sink: &mut W) -> Result<DataEnd, ReadError>
     where
         W: AsyncWrite + Unpin + ?Sized,
     {
+        let deadline = after(self.limits.data_timeout);
         let mut decoder = DataDecoder::new();
         let mut account = Account::new(0, self.limits.max_message_size);
         loop {
@@ -475,14 +477,14 @@ impl Connection {
                 }
             }
             self.check_session()?;
-            self.fill(after(self.limits.data_timeout)).await?;
+            self.fill(deadline).await?;
         }
     }
 
     /// Reads one BDAT chunk (RFC 3030) of exactly `size` bytes into `sink`, unchanged.
     /// `already` is what earlier chunks of the same message added up to; over
     /// [`Limits::max_message_size`] nothing of this chunk is written, it is read and discarded,
-    /// and the result is [`DataEnd::TooBig`]. Each read must arrive within
+    /// and the result is [`DataEnd::TooBig`]. The whole chunk must arrive within
     /// [`Limits::data_timeout`]. The sink is flushed, not shut down.
     pub async fn read_bdat<W>(
         &mut self,
@@ -498,6 +500,7 @@ impl Connection {
             // Known to be too big already: count it all now and write nothing.
             account.size = already.saturating_add(size);
         }
+        let deadline = after(self.limits.data_timeout);
         let mut left = size;
         while left > 0 {
             if self.start < self.end {
@@ -515,7 +518,7 @@ impl Connection {
                 continue;
             }
             self.check_session()?;
-            self.fill(after(self.limits.data_timeout)).await?;
+            self.fill(deadline).await?;
         }
         Ok(account.finish(sink).await)
     }
