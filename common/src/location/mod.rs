@@ -16,6 +16,7 @@ mod credentials;
 mod sqlite;
 
 use std::fmt;
+use std::path::PathBuf;
 use std::str::FromStr;
 
 use serde::Serialize;
@@ -24,7 +25,7 @@ pub use cache::Cached;
 pub use credentials::{
     CredentialError, Credentials, MAX_PASSWORD_LEN, SCRAM_ITERATIONS, ScramKeys,
 };
-pub use sqlite::{OpenError, Sqlite};
+pub use sqlite::Sqlite;
 
 /// The state of a mailbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -186,6 +187,41 @@ pub enum ChangeError {
     /// The database failed.
     #[error("location database error: {0}")]
     Database(String),
+}
+
+/// Why the database could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The directory could not be made.
+    #[error("cannot create {path}: {source}")]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// SQLite failed to open or migrate the file.
+    #[error("cannot open location database {path}: {source}")]
+    Sqlite {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The file was written by a newer version.
+    #[error(
+        "location database {path} has schema version {found}, newer than this program's {known}"
+    )]
+    TooNew {
+        /// The file.
+        path: PathBuf,
+        /// Its version.
+        found: i64,
+        /// Ours.
+        known: usize,
+    },
 }
 
 /// The mailbox-location database. Lookups are what services use on hot paths; changes are

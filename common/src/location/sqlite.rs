@@ -12,7 +12,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{
     Alias, ChangeError, Credentials, Directory, DomainInfo, Filer, FilerState, FilerUsage,
-    LookupError, Mailbox, MailboxState, NewMailbox, ScramKeys, domain_of,
+    LookupError, Mailbox, MailboxState, NewMailbox, OpenError, ScramKeys, domain_of,
 };
 
 /// The schema, one migration per entry; `PRAGMA user_version` records how many ran.
@@ -62,41 +62,6 @@ CREATE TABLE credentials (
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections kept open for reuse.
 const MAX_IDLE_CONNECTIONS: usize = 8;
-
-/// Why the database could not be opened.
-#[derive(Debug, thiserror::Error)]
-pub enum OpenError {
-    /// The directory could not be made.
-    #[error("cannot create {path}: {source}")]
-    Dir {
-        /// The directory.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// SQLite failed to open or migrate the file.
-    #[error("cannot open location database {path}: {source}")]
-    Sqlite {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: rusqlite::Error,
-    },
-    /// The file was written by a newer version.
-    #[error(
-        "location database {path} has schema version {found}, newer than this program's {known}"
-    )]
-    TooNew {
-        /// The file.
-        path: PathBuf,
-        /// Its version.
-        found: i64,
-        /// Ours.
-        known: usize,
-    },
-}
 
 /// The SQLite location database. Cheap to clone.
 #[derive(Clone)]
