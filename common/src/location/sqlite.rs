@@ -101,7 +101,7 @@ impl Sqlite {
                 .map_err(sq)?;
             if version > MIGRATIONS.len() as i64 {
                 return Err(OpenError::TooNew {
-                    path: path.to_owned(),
+                    database: path.display().to_string(),
                     found: version,
                     known: MIGRATIONS.len(),
                 });
