@@ -17,6 +17,8 @@ mod credentials;
 mod database;
 mod postgres;
 mod sqlite;
+#[cfg(test)]
+mod suite;
 
 use std::fmt;
 use std::path::PathBuf;
