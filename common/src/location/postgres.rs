@@ -906,3 +906,6 @@ impl Directory for Postgres {
         .await
     }
 }
+
+#[cfg(test)]
+mod tests;
