@@ -196,10 +196,30 @@ impl Sqlite {
 fn connect(path: &Path) -> Result<Connection, rusqlite::Error> {
     let c = Connection::open(path)?;
     c.busy_timeout(BUSY_TIMEOUT)?;
-    c.pragma_update(None, "journal_mode", "WAL")?;
+    set_wal(&c)?;
     c.pragma_update(None, "synchronous", "FULL")?;
     c.pragma_update(None, "foreign_keys", "ON")?;
     Ok(c)
+}
+
+/// Switches to WAL. Switching a new file needs an exclusive lock, and while another connection
+/// is switching the same file SQLite answers SQLITE_BUSY at once instead of calling the busy
+/// handler; so a busy answer is retried here for up to [`BUSY_TIMEOUT`]. Without this,
+/// processes opening a new database at once failed with "database is locked" now and then.
+fn set_wal(c: &Connection) -> Result<(), rusqlite::Error> {
+    const PAUSE: Duration = Duration::from_millis(10);
+    let mut waited = Duration::ZERO;
+    loop {
+        match c.pragma_update(None, "journal_mode", "WAL") {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy && waited < BUSY_TIMEOUT =>
+            {
+                std::thread::sleep(PAUSE);
+                waited += PAUSE;
+            }
+            done => return done,
+        }
+    }
 }
 
 fn now() -> i64 {
