@@ -5,7 +5,8 @@
 //!
 //! - [`config`]: the TOML loader, the shared sections and the size/duration types.
 //! - [`location`]: the mailbox-location database (domains, mailboxes, aliases, credentials,
-//!   filers) behind the [`location::Directory`] trait, with the SQLite backend and a TTL cache.
+//!   filers) behind the [`location::Directory`] trait, with SQLite and PostgreSQL backends and a
+//!   TTL cache.
 //! - [`address`]: parsing and normalising envelope addresses (RFC 5321, IDNA).
 //! - [`smtp`]: the SMTP/LMTP protocol core on `smtp-proto`: the server connection (bounded
 //!   lines, streaming DATA, replies with enhanced status codes, STARTTLS, deadlines) and one

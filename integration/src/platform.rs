@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use common::location::{Cached, Directory, Filer, FilerState, Sqlite};
+use common::location::{Cached, Database, Directory, Filer, FilerState};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -46,11 +46,10 @@ pub struct FilerAddrs {
     pub pop3: Option<SocketAddr>,
 }
 
-/// Opens (and migrates) the location database of a platform.
-pub async fn open_directory(settings: &PlatformSettings) -> anyhow::Result<Sqlite> {
-    let path = settings.shared.database_path.clone();
-    tokio::task::spawn_blocking(move || Sqlite::open(&path))
-        .await?
+/// Opens (and migrates) the location database of a platform, SQLite or PostgreSQL.
+pub async fn open_directory(settings: &PlatformSettings) -> anyhow::Result<Database> {
+    Database::open(&settings.shared.database)
+        .await
         .context("opening the location database")
 }
 

@@ -72,7 +72,7 @@ pub async fn start(configure: impl FnOnce(&mut access::Settings)) -> TestProxy {
     common::testkit::init_tracing();
     let dir = tempfile::tempdir().unwrap();
     let shared = Shared::for_tests(dir.path());
-    let db = Arc::new(Sqlite::open(&shared.database_path).unwrap());
+    let db = Arc::new(Sqlite::open(shared.database.sqlite_path().unwrap()).unwrap());
     let filer = FakeFiler::start(SECRET).await;
     let dead = dead_port().await.to_string();
     for (name, imap, pop3) in [

@@ -6,6 +6,7 @@
 //! own section (`filer::FileConfig` → `filer::Settings`); this module owns the shared parts:
 //! `[platform]`, `[database]`, `[tls]` and `[trust]`.
 
+mod database;
 mod units;
 
 use std::fmt;
@@ -16,6 +17,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 
+pub use database::{DatabaseLocation, PostgresUrl};
 pub use units::{ByteSize, parse_duration};
 
 use crate::net::Networks;
@@ -177,8 +179,16 @@ impl Default for PlatformFile {
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseFile {
-    /// `sqlite:PATH` (or a bare path). Empty: `sqlite:<data_dir>/location.db`.
+    /// Where the database is: `sqlite:PATH` (or a bare path) for a SQLite file, or
+    /// `postgres://user:password@host:port/database` (also `postgresql://`) for a PostgreSQL
+    /// server, which takes every change (the primary). The PostgreSQL client speaks no TLS:
+    /// reach the server over loopback or a private network. Empty:
+    /// `sqlite:<data_dir>/location.db`.
     pub url: String,
+    /// PostgreSQL only: a `postgres://` URL of a server the lookups go to instead of `url`
+    /// (a read replica; it may lag the primary by its replication delay). Empty: lookups go
+    /// to `url`.
+    pub read_url: String,
     /// How long services cache hot lookups (mailbox, alias, domain, filer). Default: `"5s"`.
     pub cache_ttl: String,
 }
@@ -187,6 +197,7 @@ impl Default for DatabaseFile {
     fn default() -> Self {
         Self {
             url: String::new(),
+            read_url: String::new(),
             cache_ttl: "5s".into(),
         }
     }
@@ -243,8 +254,8 @@ pub struct Shared {
     pub dev_mode: bool,
     /// Grace period for sessions at shutdown.
     pub shutdown_grace: Duration,
-    /// The SQLite database file.
-    pub database_path: PathBuf,
+    /// Where the location database is.
+    pub database: DatabaseLocation,
     /// TTL of the lookup cache.
     pub cache_ttl: Duration,
     /// Configured certificate and key, if any.
@@ -263,7 +274,7 @@ impl Shared {
     /// Validates the shared sections, recording every problem in `problems`.
     pub fn build(
         platform: &PlatformFile,
-        database: &DatabaseFile,
+        database_file: &DatabaseFile,
         tls: &TlsFile,
         trust: &TrustFile,
         problems: &mut Problems,
@@ -287,24 +298,13 @@ impl Shared {
         let data_dir = PathBuf::from(platform.data_dir.trim());
         let shutdown_grace =
             problems.duration("platform.shutdown_grace", &platform.shutdown_grace, false);
-        let url = database.url.trim();
-        let database_path = if url.is_empty() {
-            data_dir.join("location.db")
-        } else if let Some(p) = url
-            .strip_prefix("sqlite://")
-            .or_else(|| url.strip_prefix("sqlite:"))
-        {
-            PathBuf::from(p)
-        } else if url.contains("://") {
-            problems.push(
-                "database.url",
-                format!("{url:?}: only sqlite is supported in this version (postgres is planned)"),
-            );
-            PathBuf::new()
-        } else {
-            PathBuf::from(url)
-        };
-        let cache_ttl = problems.duration("database.cache_ttl", &database.cache_ttl, false);
+        let database = DatabaseLocation::build(
+            &database_file.url,
+            &database_file.read_url,
+            &data_dir,
+            problems,
+        );
+        let cache_ttl = problems.duration("database.cache_ttl", &database_file.cache_ttl, false);
         let tls = match (tls.cert.trim(), tls.key.trim()) {
             ("", "") => None,
             ("", _) => {
@@ -338,7 +338,7 @@ impl Shared {
             data_dir,
             dev_mode: platform.dev_mode,
             shutdown_grace,
-            database_path,
+            database,
             cache_ttl,
             tls,
             spool_networks,
@@ -432,7 +432,10 @@ mod tests {
             &mut p,
         );
         assert!(p.is_empty(), "{p}");
-        assert_eq!(s.database_path, PathBuf::from("./data/location.db"));
+        assert_eq!(
+            s.database,
+            DatabaseLocation::Sqlite(PathBuf::from("./data/location.db"))
+        );
         assert!(s.spool_networks.contains("127.0.0.1".parse().unwrap()));
         assert_eq!(s.cache_ttl, Duration::from_secs(5));
     }
@@ -449,6 +452,7 @@ mod tests {
         let database = DatabaseFile {
             url: "mysql://x".into(),
             cache_ttl: "1x".into(),
+            ..Default::default()
         };
         let trust = TrustFile {
             spool_networks: vec!["10.0.0.0/8".into(), "nonsense".into()],

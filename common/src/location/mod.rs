@@ -2,8 +2,9 @@
 //! filer each one lives, aliases, credentials, and the filers themselves.
 //!
 //! Every service reads it; only `mailctl` (and, later, migrations) change it. The
-//! [`Directory`] trait is the one interface: [`Sqlite`] implements it today, a PostgreSQL
-//! backend will implement it for deployments over several hosts. Hot-path lookups go through
+//! [`Directory`] trait is the one interface, with two backends: [`Sqlite`] (one file, one
+//! host) and [`Postgres`] (deployments over several hosts, with an optional read replica).
+//! [`Database`] is whichever of the two the configuration names. Hot-path lookups go through
 //! [`Cached`], which keeps answers for a short TTL and keeps serving slightly stale answers for
 //! a short outage. A lookup failure is always *temporary* ([`LookupError`]): callers answer
 //! 4xx, never a bounce.
@@ -13,9 +14,14 @@
 
 mod cache;
 mod credentials;
+mod database;
+mod postgres;
 mod sqlite;
+#[cfg(test)]
+mod suite;
 
 use std::fmt;
+use std::path::PathBuf;
 use std::str::FromStr;
 
 use serde::Serialize;
@@ -24,7 +30,9 @@ pub use cache::Cached;
 pub use credentials::{
     CredentialError, Credentials, MAX_PASSWORD_LEN, SCRAM_ITERATIONS, ScramKeys,
 };
-pub use sqlite::{OpenError, Sqlite};
+pub use database::Database;
+pub use postgres::Postgres;
+pub use sqlite::Sqlite;
 
 /// The state of a mailbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -186,6 +194,74 @@ pub enum ChangeError {
     /// The database failed.
     #[error("location database error: {0}")]
     Database(String),
+}
+
+/// Why the database could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The directory could not be made.
+    #[error("cannot create {path}: {source}")]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// SQLite failed to open or migrate the file.
+    #[error("cannot open location database {path}: {source}")]
+    Sqlite {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The database was written by a newer version of this program.
+    #[error(
+        "location database {database} has schema version {found}, newer than this program's \
+         {known}: run the newer version"
+    )]
+    TooNew {
+        /// The file, or the server's URL without its password.
+        database: String,
+        /// Its version.
+        found: i64,
+        /// Ours.
+        known: usize,
+    },
+    /// The PostgreSQL server could not be reached, or did not answer in time. Temporary:
+    /// trying again once it is up may succeed ([`OpenError::is_temporary`]).
+    #[error(
+        "location database {url} is unavailable: {reason} (is the server up and reachable? \
+         check database.url)"
+    )]
+    Unavailable {
+        /// The server's URL without its password.
+        url: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The PostgreSQL server refused a statement while the schema was migrated.
+    #[error("cannot migrate location database {url}")]
+    Postgres {
+        /// The server's URL without its password.
+        url: String,
+        /// The cause.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// The task opening the database failed.
+    #[error("the task opening the location database failed")]
+    Task(#[source] tokio::task::JoinError),
+}
+
+impl OpenError {
+    /// Whether trying again later may succeed (the server was unreachable), as opposed to a
+    /// problem an operator must fix first.
+    pub fn is_temporary(&self) -> bool {
+        matches!(self, Self::Unavailable { .. })
+    }
 }
 
 /// The mailbox-location database. Lookups are what services use on hot paths; changes are

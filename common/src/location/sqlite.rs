@@ -12,7 +12,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{
     Alias, ChangeError, Credentials, Directory, DomainInfo, Filer, FilerState, FilerUsage,
-    LookupError, Mailbox, MailboxState, NewMailbox, ScramKeys, domain_of,
+    LookupError, Mailbox, MailboxState, NewMailbox, OpenError, ScramKeys, domain_of,
 };
 
 /// The schema, one migration per entry; `PRAGMA user_version` records how many ran.
@@ -63,41 +63,6 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections kept open for reuse.
 const MAX_IDLE_CONNECTIONS: usize = 8;
 
-/// Why the database could not be opened.
-#[derive(Debug, thiserror::Error)]
-pub enum OpenError {
-    /// The directory could not be made.
-    #[error("cannot create {path}: {source}")]
-    Dir {
-        /// The directory.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// SQLite failed to open or migrate the file.
-    #[error("cannot open location database {path}: {source}")]
-    Sqlite {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: rusqlite::Error,
-    },
-    /// The file was written by a newer version.
-    #[error(
-        "location database {path} has schema version {found}, newer than this program's {known}"
-    )]
-    TooNew {
-        /// The file.
-        path: PathBuf,
-        /// Its version.
-        found: i64,
-        /// Ours.
-        known: usize,
-    },
-}
-
 /// The SQLite location database. Cheap to clone.
 #[derive(Clone)]
 pub struct Sqlite {
@@ -136,7 +101,7 @@ impl Sqlite {
                 .map_err(sq)?;
             if version > MIGRATIONS.len() as i64 {
                 return Err(OpenError::TooNew {
-                    path: path.to_owned(),
+                    database: path.display().to_string(),
                     found: version,
                     known: MIGRATIONS.len(),
                 });
@@ -231,10 +196,30 @@ impl Sqlite {
 fn connect(path: &Path) -> Result<Connection, rusqlite::Error> {
     let c = Connection::open(path)?;
     c.busy_timeout(BUSY_TIMEOUT)?;
-    c.pragma_update(None, "journal_mode", "WAL")?;
+    set_wal(&c)?;
     c.pragma_update(None, "synchronous", "FULL")?;
     c.pragma_update(None, "foreign_keys", "ON")?;
     Ok(c)
+}
+
+/// Switches to WAL. Switching a new file needs an exclusive lock, and while another connection
+/// is switching the same file SQLite answers SQLITE_BUSY at once instead of calling the busy
+/// handler; so a busy answer is retried here for up to [`BUSY_TIMEOUT`]. Without this,
+/// processes opening a new database at once failed with "database is locked" now and then.
+fn set_wal(c: &Connection) -> Result<(), rusqlite::Error> {
+    const PAUSE: Duration = Duration::from_millis(10);
+    let mut waited = Duration::ZERO;
+    loop {
+        match c.pragma_update(None, "journal_mode", "WAL") {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy && waited < BUSY_TIMEOUT =>
+            {
+                std::thread::sleep(PAUSE);
+                waited += PAUSE;
+            }
+            done => return done,
+        }
+    }
 }
 
 fn now() -> i64 {

@@ -48,7 +48,7 @@ pub async fn start(configure: impl FnOnce(&mut Shared)) -> TestFiler {
     let dir = tempfile::tempdir().unwrap();
     let mut shared = Shared::for_tests(dir.path());
     configure(&mut shared);
-    let db = Arc::new(Sqlite::open(&shared.database_path).unwrap());
+    let db = Arc::new(Sqlite::open(shared.database.sqlite_path().unwrap()).unwrap());
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let lmtp = listener.local_addr().unwrap();
     let pop3_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -379,7 +379,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Config(ConfigCmd::Check) => {
             out!("configuration is valid");
             out!("data directory: {}", settings.shared.data_dir.display());
-            out!("database: {}", settings.shared.database_path.display());
+            out!("database: {}", settings.shared.database);
             for f in &settings.filers {
                 out!("filer {}: mail in {}", f.name, f.mail_root.display());
             }
@@ -713,7 +713,7 @@ async fn status(settings: &PlatformSettings, json: bool) -> anyhow::Result<ExitC
             })
             .collect(),
         listeners,
-        database: settings.shared.database_path.display().to_string(),
+        database: settings.shared.database.to_string(),
         domains: domains.len(),
         mailboxes: domains.iter().map(|d| d.mailboxes).sum(),
         filers,

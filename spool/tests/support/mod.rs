@@ -55,7 +55,7 @@ pub async fn start_with_filer(
     common::testkit::init_tracing();
     let dir = tempfile::tempdir().unwrap();
     let shared = Shared::for_tests(dir.path());
-    let db = Arc::new(Sqlite::open(&shared.database_path).unwrap());
+    let db = Arc::new(Sqlite::open(shared.database.sqlite_path().unwrap()).unwrap());
     let f = Filer {
         name: "f1".into(),
         lmtp: f1_lmtp.into(),
