@@ -1,8 +1,13 @@
-//! `mailbench`: a load generator for LMTP delivery and SMTP submission, and a probe of the
-//! disk's fsync rate.
+//! `mailbench`: a load generator for LMTP delivery, SMTP to an MX and SMTP submission, and a
+//! probe of the disk's fsync rate.
 //!
 //! It carries its own minimal LMTP/SMTP client, so that it does not depend on the code it
-//! measures. Targets must be loopback addresses unless `--allow-remote` is given.
+//! measures. Targets must be loopback addresses unless `--allow-remote` is given. Every load
+//! mode is bounded in count (`--messages`) and in time (`--max-seconds`: nothing new starts
+//! after it; what has started gets a few reply timeouts more), every read waits at most
+//! `--reply-timeout`, and failures are counted, not fatal. The report is text, or one JSON line
+//! with `--json` (snake_case keys; every mode has `mode` and `target`). The exit status is 1
+//! when nothing succeeded.
 //!
 //! # `mailbench lmtp HOST:PORT`
 //!
@@ -83,6 +88,29 @@
 //! The figures mean what they mean for LMTP; "delivered" is the `250` after the final dot:
 //! the server has taken responsibility for the message (a relay: queued it and fsynced it).
 //!
+//! # `mailbench smtp HOST:PORT`
+//!
+//! ```text
+//! mailbench smtp 127.0.0.1:2525 --messages 200 --sessions 10 --size 4096 \
+//!     [--per-connection K] [--maildir-root data/filers] [--json]
+//! ```
+//!
+//! Mail to an MX (RFC 5321), as another mail server sends it: EHLO, then per message MAIL,
+//! the RCPTs (`--rcpts-per-msg` random users, pipelined when offered), DATA and the message,
+//! which gets one reply after the final dot; no AUTH, no TLS. Messages, recipients, counting,
+//! limits and reconnects are as in the LMTP mode. With `--per-connection K` a session says QUIT
+//! after K messages and connects again (0, the default, keeps the connection). "delivered"
+//! (`messages_delivered`, `msgs_per_s`) is the `250` after the dot, and `lat_ms_*` the time from
+//! the final dot to it; `connections` counts the connections opened (past greeting and EHLO).
+//!
+//! With `--maildir-root DIR`, mailbench counts the message files below DIR before sending (the
+//! regular files directly inside every `new` and `cur` directory, at any depth; readdir only)
+//! and, after sending, counts again every 100 ms until the count has grown by one file per
+//! accepted recipient, or `--max-seconds` after the start. Reported: `delivered` (the growth),
+//! `delivered_all`, `delivered_s` (from the start of sending to the count reached) and
+//! `delivered_per_s`: the rate of the whole path (spool, filter, filer) into the Maildirs. Other
+//! mail arriving below DIR meanwhile counts too.
+//!
 //! # `mailbench fsync DIR`
 //!
 //! ```text
@@ -122,7 +150,7 @@ use tokio::time::Instant;
 #[command(
     name = "mailbench",
     version,
-    about = "Load generator for LMTP delivery and SMTP submission, and a probe of the disk's fsync rate"
+    about = "Load generator for LMTP, SMTP and submission, and a probe of the disk's fsync rate"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -135,6 +163,9 @@ enum Command {
     Lmtp(LmtpArgs),
     /// Submit messages over concurrent authenticated SMTP sessions and report rate and latency.
     Submit(SubmitArgs),
+    /// Send messages to an MX over concurrent plain SMTP sessions; optionally wait until they
+    /// are in the Maildirs.
+    Smtp(SmtpArgs),
     /// Measure create+write+fsync+close of new files, optionally with a directory fsync.
     Fsync(FsyncArgs),
 }
@@ -201,6 +232,40 @@ struct SubmitArgs {
     /// The openssl binary that --starttls runs.
     #[arg(long, default_value = "openssl")]
     openssl: PathBuf,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Args)]
+struct SmtpArgs {
+    /// The SMTP server (an MX such as the spool), HOST:PORT.
+    target: String,
+    /// Messages to send in total (over all sessions).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    messages: u64,
+    /// Concurrent sessions.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    sessions: u64,
+    /// Messages per connection, then QUIT and a new connection; 0 keeps one connection per
+    /// session for the whole run.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=100_000_000))]
+    per_connection: u64,
+    /// Size of each message in bytes as stored (headers and body, CRLF line ends, before
+    /// dot-stuffing). At least the size of the headers.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    size: u64,
+    #[command(flatten)]
+    rcpts: RcptArgs,
+    /// Reverse path of every message, and its From: header.
+    #[arg(long, default_value = "bench@example.net")]
+    from: String,
+    /// Name given in EHLO (also the domain of the Message-IDs).
+    #[arg(long, default_value = "mailbench.example.net")]
+    ehlo: String,
+    /// After sending, wait (until --max-seconds after the start) for the accepted messages to
+    /// appear as files in the `new` and `cur` directories below DIR, and report the rate.
+    #[arg(long, value_name = "DIR")]
+    maildir_root: Option<PathBuf>,
     #[command(flatten)]
     run: RunArgs,
 }
@@ -274,6 +339,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Lmtp(args) => lmtp_main(args),
         Command::Submit(args) => submit_main(args),
+        Command::Smtp(args) => smtp_main(args),
         Command::Fsync(args) => fsync_main(&args),
     };
     match result {
@@ -307,6 +373,7 @@ fn lmtp_main(args: LmtpArgs) -> anyhow::Result<ExitCode> {
         target: args.target,
         messages: args.messages,
         sessions: args.sessions,
+        per_connection: 0,
         size: args.size,
     };
     let dialog = Dialog {
@@ -333,6 +400,7 @@ fn submit_main(args: SubmitArgs) -> anyhow::Result<ExitCode> {
         target: args.target,
         messages: args.messages,
         sessions: args.sessions,
+        per_connection: 0,
         size: args.size,
     };
     let dialog = Dialog {
@@ -345,6 +413,47 @@ fn submit_main(args: SubmitArgs) -> anyhow::Result<ExitCode> {
     load_main(&shape, &args.rcpts, &args.run, dialog)
 }
 
+fn smtp_main(args: SmtpArgs) -> anyhow::Result<ExitCode> {
+    check_address(&args.from).context("--from")?;
+    let shape = Shape {
+        target: args.target,
+        messages: args.messages,
+        sessions: args.sessions,
+        per_connection: args.per_connection,
+        size: args.size,
+    };
+    let dialog = Dialog {
+        dialect: Dialect::Smtp,
+        from: args.from,
+        hello: args.ehlo,
+        auth: None,
+        starttls: None,
+    };
+    let runtime = runtime()?;
+    let report = runtime.block_on(async {
+        let Some(root) = args.maildir_root else {
+            return run_load(&shape, &args.rcpts, &args.run, dialog).await;
+        };
+        check_run_args(&args.run)?;
+        if !root.exists() {
+            eprintln!(
+                "mailbench: warning: --maildir-root {} does not exist (yet); counting from 0",
+                root.display()
+            );
+        }
+        let baseline = count_maildir_messages_async(root.clone())
+            .await
+            .with_context(|| format!("--maildir-root {}", root.display()))?;
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs_f64(args.run.max_seconds);
+        let mut report = run_load(&shape, &args.rcpts, &args.run, dialog).await?;
+        let wanted = report.rcpts_delivered;
+        report.maildir = Some(wait_for_maildir(root, baseline, wanted, start, deadline).await?);
+        Ok(report)
+    })?;
+    print_load_report(&report, &args.run)
+}
+
 /// Runs a load and prints its report; fails (exit status 1) when no message got through.
 fn load_main(
     shape: &Shape,
@@ -352,13 +461,13 @@ fn load_main(
     run: &RunArgs,
     dialog: Dialog,
 ) -> anyhow::Result<ExitCode> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the runtime")?;
-    let report = runtime.block_on(run_load(shape, rcpts, run, dialog))?;
+    let report = runtime()?.block_on(run_load(shape, rcpts, run, dialog))?;
+    print_load_report(&report, run)
+}
+
+fn print_load_report(report: &LoadReport, run: &RunArgs) -> anyhow::Result<ExitCode> {
     if run.json {
-        print_json(&report)?;
+        print_json(report)?;
     } else {
         report.print_text();
     }
@@ -369,11 +478,33 @@ fn load_main(
     })
 }
 
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")
+}
+
+/// The limits every load mode checks before it starts.
+fn check_run_args(run: &RunArgs) -> anyhow::Result<()> {
+    ensure!(
+        run.max_seconds > 0.0 && run.max_seconds <= 86_400.0,
+        "--max-seconds must be in (0, 86400]"
+    );
+    ensure!(
+        run.reply_timeout > 0.0 && run.reply_timeout <= 3600.0,
+        "--reply-timeout must be in (0, 3600]"
+    );
+    Ok(())
+}
+
 /// How much load: the options every load mode has, with its own defaults.
 struct Shape {
     target: String,
     messages: u64,
     sessions: u64,
+    /// Messages per connection before a new one; 0 = one connection per session.
+    per_connection: u64,
     size: u64,
 }
 
@@ -397,6 +528,8 @@ enum Dialect {
     Lmtp,
     /// SMTP submission (RFC 6409): EHLO and AUTH; after the dot, one reply.
     Submission,
+    /// SMTP to an MX (RFC 5321): EHLO, no AUTH; after the dot, one reply.
+    Smtp,
 }
 
 impl Dialect {
@@ -405,13 +538,14 @@ impl Dialect {
         match self {
             Self::Lmtp => "lmtp",
             Self::Submission => "submit",
+            Self::Smtp => "smtp",
         }
     }
 
     fn hello_verb(self) -> &'static str {
         match self {
             Self::Lmtp => "LHLO",
-            Self::Submission => "EHLO",
+            Self::Submission | Self::Smtp => "EHLO",
         }
     }
 }
@@ -422,14 +556,7 @@ async fn run_load(
     run: &RunArgs,
     dialog: Dialog,
 ) -> anyhow::Result<LoadReport> {
-    ensure!(
-        run.max_seconds > 0.0 && run.max_seconds <= 86_400.0,
-        "--max-seconds must be in (0, 86400]"
-    );
-    ensure!(
-        run.reply_timeout > 0.0 && run.reply_timeout <= 3600.0,
-        "--reply-timeout must be in (0, 3600]"
-    );
+    check_run_args(run)?;
     ensure!(
         !dialog.hello.is_empty() && dialog.hello.bytes().all(|b| b.is_ascii_graphic()),
         "the {} name must be a domain name",
@@ -458,6 +585,7 @@ async fn run_load(
         rcpts_per_msg,
         size: usize::try_from(shape.size)?,
         messages: shape.messages,
+        per_connection: shape.per_connection,
         next: AtomicU64::new(0),
         deadline,
         reply_timeout,
@@ -501,6 +629,8 @@ struct Plan {
     rcpts_per_msg: usize,
     size: usize,
     messages: u64,
+    /// Messages per connection before a new one; 0 = no limit.
+    per_connection: u64,
     /// Messages claimed so far, by all sessions.
     next: AtomicU64,
     /// No message is started after this.
@@ -603,36 +733,52 @@ impl Plan {
     }
 }
 
-/// Runs one session: connect, then messages until the run is over; reconnects after faults,
-/// except a permanent refusal of the greeting, LHLO/EHLO or AUTH.
+/// Runs one session: connect, then messages until the run is over; reconnects after faults
+/// (at most `MAX_RECONNECTS` times), except a permanent refusal of the greeting, LHLO/EHLO or
+/// AUTH, and after every `per_connection` messages.
 async fn run_session(plan: &Plan, rng: &mut Rng, tally: &mut Tally) {
-    for attempt in 0..=MAX_RECONNECTS {
-        if attempt > 0 {
-            tokio::time::sleep(RECONNECT_PAUSE).await;
-        }
+    let mut faults = 0;
+    loop {
         if plan.is_over() {
             return;
         }
-        let mut conn = match Connection::open(plan).await {
-            Ok(conn) => conn,
+        let fault = match Connection::open(plan).await {
+            Ok(mut conn) => {
+                tally.connections += 1;
+                match conn.send_messages(plan, rng, tally).await {
+                    Ok(Flow::Close) => {
+                        conn.quit().await;
+                        return;
+                    }
+                    Ok(Flow::Continue) => {
+                        conn.quit().await;
+                        continue;
+                    }
+                    Err(fault) => fault,
+                }
+            }
             // A permanent refusal (a wrong password, say) would only be repeated.
             Err(fault @ Fault::Refused(_, 500..)) => {
                 tally.fault(&fault);
                 return;
             }
-            Err(fault) => {
-                tally.fault(&fault);
-                continue;
-            }
+            Err(fault) => fault,
         };
-        match conn.send_messages(plan, rng, tally).await {
-            Ok(()) => {
-                conn.quit().await;
-                return;
-            }
-            Err(fault) => tally.fault(&fault),
+        tally.fault(&fault);
+        faults += 1;
+        if faults > MAX_RECONNECTS {
+            return;
         }
+        tokio::time::sleep(RECONNECT_PAUSE).await;
     }
+}
+
+/// What a session does after a connection's messages.
+enum Flow {
+    /// Connect again: `per_connection` messages went over this one.
+    Continue,
+    /// The run is over.
+    Close,
 }
 
 /// The two halves of a connection's byte stream: a TCP socket, or the pipes of an
@@ -657,13 +803,8 @@ impl Connection {
         let dialog = &plan.dialog;
         let (reader, writer, tls_helper): (ReadHalf, WriteHalf, _) = match &dialog.starttls {
             None => {
-                let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(plan.addr))
-                    .await
-                    .map_err(|_| Fault::Timeout("connect"))?
-                    .map_err(Fault::Connect)?;
-                stream.set_nodelay(true).map_err(Fault::Connect)?;
-                let (reader, writer) = stream.into_split();
-                (Box::new(reader), Box::new(writer), None)
+                let (reader, writer) = connect_tcp(plan.addr).await?;
+                (reader, writer, None)
             }
             Some(openssl) => {
                 let mut child =
@@ -715,17 +856,23 @@ impl Connection {
         Ok(conn)
     }
 
+    /// Sends messages until the run is over or `per_connection` have been sent.
     async fn send_messages(
         &mut self,
         plan: &Plan,
         rng: &mut Rng,
         tally: &mut Tally,
-    ) -> Result<(), Fault> {
+    ) -> Result<Flow, Fault> {
+        let mut sent = 0;
         while let Some(seq) = plan.claim() {
             tally.sent += 1;
             self.transaction(plan, seq, rng, tally).await?;
+            sent += 1;
+            if sent == plan.per_connection {
+                return Ok(Flow::Continue);
+            }
         }
-        Ok(())
+        Ok(Flow::Close)
     }
 
     /// One message: envelope, DATA, content, and the replies after it.
@@ -761,7 +908,7 @@ impl Connection {
         // SMTP answers once for all of them (RFC 5321 §4.1.1.4).
         let (replies, rcpts_per_reply) = match plan.dialog.dialect {
             Dialect::Lmtp => (accepted, 1),
-            Dialect::Submission => (1, accepted as u64),
+            Dialect::Submission | Dialect::Smtp => (1, accepted as u64),
         };
         let mut delivered = 0;
         for _ in 0..replies {
@@ -972,6 +1119,11 @@ impl Fault {
 
     fn detail(&self) -> String {
         match self {
+            // EMFILE: this process ran out of file descriptors, not the server.
+            Self::Connect(e) if e.raw_os_error() == Some(EMFILE) => format!(
+                "connect: {e}: this process is at its limit of open files; raise the soft \
+                 limit (`ulimit -n`, at most the hard limit) or open fewer connections"
+            ),
             Self::Connect(e) => format!("connect: {e}"),
             Self::Io(e) => format!("i/o: {e}"),
             other => other.key(),
@@ -979,9 +1131,38 @@ impl Fault {
     }
 }
 
+/// Linux `EMFILE`: the process has as many open files as `RLIMIT_NOFILE` allows.
+const EMFILE: i32 = 24;
+
+/// Connects with `CONNECT_TIMEOUT`, without Nagle's delay (every command waits for a reply).
+async fn connect_tcp(addr: SocketAddr) -> Result<(ReadHalf, WriteHalf), Fault> {
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| Fault::Timeout("connect"))?
+        .map_err(Fault::Connect)?;
+    stream.set_nodelay(true).map_err(Fault::Connect)?;
+    let (reader, writer) = stream.into_split();
+    Ok((Box::new(reader), Box::new(writer)))
+}
+
+/// The `errors` and `first` lines of a text report.
+fn print_errors(errors: &BTreeMap<String, u64>, first: Option<&str>) {
+    if errors.is_empty() {
+        println!("errors     none");
+    } else {
+        let list: Vec<String> = errors.iter().map(|(k, n)| format!("{k}: {n}")).collect();
+        println!("errors     {}", list.join(", "));
+    }
+    if let Some(first) = first {
+        println!("first      {first}");
+    }
+}
+
 /// What one session (or, merged, the whole run) counted.
 #[derive(Default)]
 struct Tally {
+    /// Connections opened (greeting, LHLO/EHLO and AUTH accepted).
+    connections: u64,
     /// Messages for which MAIL was sent.
     sent: u64,
     /// Messages for which every recipient got a final 250.
@@ -1007,6 +1188,7 @@ impl Tally {
     }
 
     fn merge(&mut self, other: Self) {
+        self.connections += other.connections;
         self.sent += other.sent;
         self.messages_delivered += other.messages_delivered;
         self.rcpts_delivered += other.rcpts_delivered;
@@ -1024,17 +1206,27 @@ impl Tally {
 #[derive(Serialize)]
 struct LoadReport {
     workload: &'static str,
+    /// The same as `workload`: every mode's report has a `mode`.
+    mode: &'static str,
     target: String,
     /// Submission only: whether the sessions started TLS.
     #[serde(skip_serializing_if = "Option::is_none")]
     starttls: Option<bool>,
     sessions: u64,
+    /// SMTP only: messages per connection (0 = one connection per session).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    per_connection: Option<u64>,
+    /// Connections over which messages were sent.
+    connections: u64,
     size: u64,
     rcpts_per_msg: u64,
     users: usize,
     messages_requested: u64,
     messages_sent: u64,
     messages_delivered: u64,
+    /// Sent but not delivered: some recipient or the whole message refused, or the connection
+    /// lost.
+    messages_failed: u64,
     rcpts_delivered: u64,
     wall_s: f64,
     msgs_per_s: f64,
@@ -1049,6 +1241,9 @@ struct LoadReport {
     /// True when `--max-seconds` ended the run before `--messages` were sent.
     stopped_by_time: bool,
     client_cpu_s: Option<f64>,
+    /// SMTP with `--maildir-root`: how many of the messages reached the Maildirs.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    maildir: Option<MaildirReport>,
 }
 
 impl LoadReport {
@@ -1060,15 +1255,19 @@ impl LoadReport {
         let dialect = plan.dialog.dialect;
         Self {
             workload: dialect.workload(),
+            mode: dialect.workload(),
             target: shape.target.clone(),
             starttls: (dialect == Dialect::Submission).then_some(plan.dialog.starttls.is_some()),
             sessions: shape.sessions,
+            per_connection: (dialect == Dialect::Smtp).then_some(shape.per_connection),
+            connections: tally.connections,
             size: shape.size,
             rcpts_per_msg: rcpts.rcpts_per_msg,
             users: plan.users.len(),
             messages_requested: shape.messages,
             messages_sent: tally.sent,
             messages_delivered: tally.messages_delivered,
+            messages_failed: tally.sent - tally.messages_delivered,
             rcpts_delivered: tally.rcpts_delivered,
             wall_s: round3(wall_s),
             msgs_per_s: round1(tally.messages_delivered as f64 / wall_s),
@@ -1082,6 +1281,7 @@ impl LoadReport {
             first_error: tally.first_fault,
             stopped_by_time: tally.sent < shape.messages && Instant::now() >= plan.deadline,
             client_cpu_s: process_cpu_seconds(),
+            maildir: None,
         }
     }
 
@@ -1091,9 +1291,20 @@ impl LoadReport {
             Some(false) => ", no TLS",
             None => "",
         };
+        let per_connection = match self.per_connection {
+            Some(0) | None => String::new(),
+            Some(n) => format!(" ({n} msg per connection)"),
+        };
         println!(
-            "{} {}{tls}: {} sessions, {} bytes/msg, {} rcpt/msg, {} users",
-            self.workload, self.target, self.sessions, self.size, self.rcpts_per_msg, self.users
+            "{} {}{tls}: {} sessions{per_connection}, {} connections, {} bytes/msg, {} rcpt/msg, \
+             {} users",
+            self.workload,
+            self.target,
+            self.sessions,
+            self.connections,
+            self.size,
+            self.rcpts_per_msg,
+            self.users
         );
         println!(
             "messages   {} requested, {} sent, {} delivered (every recipient 250){}",
@@ -1122,19 +1333,10 @@ impl LoadReport {
             fmt_opt(self.txn_ms_p50),
             fmt_opt(self.txn_ms_p99)
         );
-        if self.errors.is_empty() {
-            println!("errors     none");
-        } else {
-            let list: Vec<String> = self
-                .errors
-                .iter()
-                .map(|(k, n)| format!("{k}: {n}"))
-                .collect();
-            println!("errors     {}", list.join(", "));
+        if let Some(m) = &self.maildir {
+            m.print_text();
         }
-        if let Some(first) = &self.first_error {
-            println!("first      {first}");
-        }
+        print_errors(&self.errors, self.first_error.as_deref());
         println!(
             "wall       {} s; client CPU {} s",
             self.wall_s,
@@ -1329,6 +1531,125 @@ impl Rng {
     fn below(&mut self, n: usize) -> usize {
         ((u128::from(self.next_u64()) * n as u128) >> 64) as usize
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// SMTP: waiting for the Maildirs
+
+/// How often `--maildir-root` is counted while waiting.
+const MAILDIR_POLL: Duration = Duration::from_millis(100);
+
+/// How many of the accepted messages reached the Maildirs below `--maildir-root`.
+#[derive(Serialize)]
+struct MaildirReport {
+    maildir_root: String,
+    /// Message files below the root before sending.
+    maildir_baseline: u64,
+    /// Files waited for: one per recipient that got the `250` after the dot.
+    delivered_wanted: u64,
+    /// Growth of the file count when the wait ended.
+    delivered: u64,
+    /// True when `delivered` reached `delivered_wanted` before `--max-seconds`.
+    delivered_all: bool,
+    /// From the start of sending until the count was reached (or the wait gave up).
+    delivered_s: f64,
+    delivered_per_s: f64,
+}
+
+impl MaildirReport {
+    fn print_text(&self) {
+        println!(
+            "maildirs   {} of {} delivered in {} s from the start: {} msg/s{}",
+            self.delivered,
+            self.delivered_wanted,
+            self.delivered_s,
+            self.delivered_per_s,
+            if self.delivered_all {
+                ""
+            } else {
+                "; gave up at --max-seconds"
+            }
+        );
+    }
+}
+
+/// Counts the files below `root` every `MAILDIR_POLL` until `wanted` more than `baseline`
+/// are there, or `deadline`.
+async fn wait_for_maildir(
+    root: PathBuf,
+    baseline: u64,
+    wanted: u64,
+    start: Instant,
+    deadline: Instant,
+) -> anyhow::Result<MaildirReport> {
+    loop {
+        let count = count_maildir_messages_async(root.clone()).await?;
+        let now = Instant::now();
+        let delivered = count.saturating_sub(baseline);
+        if delivered >= wanted || now >= deadline {
+            let secs = (now - start).as_secs_f64();
+            return Ok(MaildirReport {
+                maildir_root: root.display().to_string(),
+                maildir_baseline: baseline,
+                delivered_wanted: wanted,
+                delivered,
+                delivered_all: delivered >= wanted,
+                delivered_s: round3(secs),
+                delivered_per_s: round1(delivered as f64 / secs),
+            });
+        }
+        tokio::time::sleep_until((now + MAILDIR_POLL).min(deadline)).await;
+    }
+}
+
+async fn count_maildir_messages_async(root: PathBuf) -> anyhow::Result<u64> {
+    tokio::task::spawn_blocking(move || {
+        count_maildir_messages(&root).with_context(|| format!("cannot count {}", root.display()))
+    })
+    .await
+    .context("the counting thread failed")?
+}
+
+/// The regular files directly inside every `new` and `cur` directory at or below `root`: the
+/// messages of all the Maildirs (and Maildir++ folders) there. It only reads directories: the
+/// file types come from readdir (`d_type`), so no file is stat'ed on file systems that fill it
+/// in. It does not follow symbolic links, nor look into `tmp`. A message moving from `new` to
+/// `cur` while it counts may be counted twice or not at all. A missing `root` holds 0 (a new
+/// platform makes its mail directories on the first delivery).
+fn count_maildir_messages(root: &Path) -> io::Result<u64> {
+    let mut count = 0;
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            // Not made yet, or a folder deleted since its parent was read.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            if !entry.file_type()?.is_dir() {
+                continue;
+            }
+            match entry.file_name().as_encoded_bytes() {
+                b"new" | b"cur" => count += count_files(&entry.path())?,
+                b"tmp" => {}
+                _ => dirs.push(entry.path()),
+            }
+        }
+    }
+    Ok(count)
+}
+
+/// Regular files directly inside `dir`.
+fn count_files(dir: &Path) -> io::Result<u64> {
+    let mut count = 0;
+    for entry in fs::read_dir(dir)? {
+        if entry?.file_type()?.is_file() {
+            count += 1;
+        }
+    }
+    Ok(count)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1597,6 +1918,7 @@ mod tests {
             rcpts_per_msg: 3,
             size,
             messages: 1,
+            per_connection: 0,
             next: AtomicU64::new(0),
             deadline: Instant::now() + Duration::from_secs(60),
             reply_timeout: Duration::from_secs(1),
@@ -1902,5 +2224,131 @@ mod tests {
             assert!(report.ops > 0 && report.ops <= 20);
             assert!(!dir.exists(), "left {}", dir.display());
         }
+    }
+
+    // --- SMTP to an MX
+
+    /// A fake MX: any number of connections, one reply after each message's dot.
+    async fn fake_smtp(listener: tokio::net::TcpListener) -> (u64, u64) {
+        let mut connections = 0;
+        let mut messages = 0;
+        while let Ok(Ok((stream, _))) =
+            tokio::time::timeout(Duration::from_millis(500), listener.accept()).await
+        {
+            connections += 1;
+            let (r, mut w) = stream.into_split();
+            let mut lines = BufReader::new(r).lines();
+            w.write_all(b"220 mx ESMTP\r\n").await.unwrap();
+            let mut in_data = false;
+            while let Some(line) = lines.next_line().await.unwrap() {
+                if in_data {
+                    if line == "." {
+                        in_data = false;
+                        messages += 1;
+                        w.write_all(b"250 2.0.0 queued\r\n").await.unwrap();
+                    }
+                    continue;
+                }
+                assert!(!line.starts_with("AUTH"), "no AUTH to an MX");
+                let reply: &[u8] = if line.starts_with("EHLO") {
+                    b"250-mx\r\n250 PIPELINING\r\n"
+                } else if line == "DATA" {
+                    in_data = true;
+                    b"354 go ahead\r\n"
+                } else if line == "QUIT" {
+                    w.write_all(b"221 bye\r\n").await.unwrap();
+                    break;
+                } else {
+                    b"250 ok\r\n"
+                };
+                w.write_all(reply).await.unwrap();
+            }
+        }
+        (connections, messages)
+    }
+
+    #[tokio::test]
+    async fn smtp_reconnects_after_per_connection_messages() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut p = plan(1000);
+        p.addr = listener.local_addr().unwrap();
+        p.dialog.dialect = Dialect::Smtp;
+        p.messages = 5;
+        p.rcpts_per_msg = 2;
+        p.per_connection = 2;
+        let server = tokio::spawn(fake_smtp(listener));
+        let mut tally = Tally::default();
+        run_session(&p, &mut Rng::new(9), &mut tally).await;
+        assert_eq!(server.await.unwrap(), (3, 5));
+        assert_eq!(tally.connections, 3);
+        assert_eq!(tally.sent, 5);
+        assert_eq!(tally.messages_delivered, 5);
+        assert_eq!(tally.rcpts_delivered, 10);
+        assert!(tally.errors.is_empty(), "{:?}", tally.errors);
+    }
+
+    #[test]
+    fn maildir_count_takes_new_and_cur_at_any_depth() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        let touch = |path: &str, files: usize| {
+            let dir = root.join(path);
+            fs::create_dir_all(&dir).unwrap();
+            for i in 0..files {
+                fs::write(dir.join(format!("{i}.host:2,")), b"x").unwrap();
+            }
+        };
+        assert_eq!(count_maildir_messages(root).unwrap(), 0);
+        touch("filer1/ab/alice/Maildir/new", 3);
+        touch("filer1/ab/alice/Maildir/cur", 2);
+        touch("filer1/ab/alice/Maildir/tmp", 4); // not delivered yet
+        touch("filer1/ab/alice/Maildir/.Junk/new", 1);
+        touch("filer1/cd/bob/Maildir/cur", 5);
+        touch("filer1/cd/bob/Maildir/cur/sub", 7); // not directly inside cur
+        touch("filer2/other", 6); // not a Maildir
+        assert_eq!(count_maildir_messages(root).unwrap(), 11);
+        // A directory entry in new/ is not a message.
+        fs::create_dir(root.join("filer1/ab/alice/Maildir/new/dir")).unwrap();
+        assert_eq!(count_maildir_messages(root).unwrap(), 11);
+        assert_eq!(count_maildir_messages(&root.join("missing")).unwrap(), 0);
+        fs::write(root.join("file"), b"x").unwrap();
+        assert!(count_maildir_messages(&root.join("file")).is_err());
+    }
+
+    #[tokio::test]
+    async fn maildir_wait_ends_when_the_count_is_reached_or_at_the_deadline() {
+        let tmp = tempfile::tempdir().unwrap();
+        let new = tmp.path().join("u/Maildir/new");
+        fs::create_dir_all(&new).unwrap();
+        fs::write(new.join("old"), b"x").unwrap();
+        let baseline = count_maildir_messages(tmp.path()).unwrap();
+        assert_eq!(baseline, 1);
+        let start = Instant::now();
+        let writer = {
+            let new = new.clone();
+            tokio::spawn(async move {
+                for i in 0..3 {
+                    tokio::time::sleep(Duration::from_millis(30)).await;
+                    fs::write(new.join(format!("m{i}")), b"x").unwrap();
+                }
+            })
+        };
+        let deadline = start + Duration::from_secs(10);
+        let report = wait_for_maildir(tmp.path().to_owned(), baseline, 3, start, deadline)
+            .await
+            .unwrap();
+        writer.await.unwrap();
+        assert!(report.delivered_all);
+        assert_eq!(report.delivered, 3);
+        assert!(report.delivered_s < 5.0);
+        // Waiting for more than will come ends at the deadline.
+        let start = Instant::now();
+        let deadline = start + Duration::from_millis(250);
+        let report = wait_for_maildir(tmp.path().to_owned(), baseline, 4, start, deadline)
+            .await
+            .unwrap();
+        assert!(!report.delivered_all);
+        assert_eq!(report.delivered, 3);
+        assert!(report.delivered_s >= 0.25);
     }
 }
