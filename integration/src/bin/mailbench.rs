@@ -1,13 +1,13 @@
 //! `mailbench`: a load generator for LMTP delivery, SMTP to an MX, SMTP submission, IMAP and
-//! POP3 sessions, and a probe of the disk's fsync rate.
+//! POP3 sessions and idling IMAP connections, and a probe of the disk's fsync rate.
 //!
 //! It carries its own minimal LMTP/SMTP/IMAP/POP3 clients, so that it does not depend on the
 //! code it measures. Targets must be loopback addresses unless `--allow-remote` is given. Every
-//! load mode is bounded in count (`--messages`, `--sessions`) and in time (`--max-seconds`:
-//! nothing new starts after it; what has started gets a few reply timeouts more), every read
-//! waits at most `--reply-timeout`, and failures are counted, not fatal. The report is text, or
-//! one JSON line with `--json` (snake_case keys; every mode has `mode` and `target`). The exit
-//! status is 1 when nothing succeeded.
+//! load mode is bounded in count (`--messages`, `--sessions`, `--conns`) and in time
+//! (`--max-seconds`: nothing new starts after it; what has started gets a few reply timeouts
+//! more), every read waits at most `--reply-timeout`, and failures are counted, not fatal. The
+//! report is text, or one JSON line with `--json` (snake_case keys; every mode has `mode` and
+//! `target`). The exit status is 1 when nothing succeeded.
 //!
 //! # `mailbench lmtp HOST:PORT`
 //!
@@ -157,6 +157,26 @@
 //! up to the `.` line, with dot-stuffing undone; the bytes are those lines with a CRLF each),
 //! QUIT. Taking the accounts in turn keeps two sessions from wanting the same maildrop lock.
 //!
+//! # `mailbench idle HOST:PORT`
+//!
+//! ```text
+//! mailbench idle 127.0.0.1:1143 --conns 1000 --ramp 32 --pid SERVER_PID [--pid …] [--select]
+//! ```
+//!
+//! Measures what an idle IMAP client costs the server. First it sums the memory of each `--pid`
+//! process and all its descendants (found through the parent pid in `/proc/*/stat`): `VmRSS`
+//! from `/proc/PID/status`, and `Pss` from `/proc/PID/smaps_rollup` where readable. Then it
+//! opens `--conns` connections, `--ramp` at a time, each as the next account: greeting, LOGIN,
+//! SELECT INBOX with `--select`, and IDLE (RFC 2177) until the server's `+` continuation. Once
+//! every connection is idling (or has failed) it measures again, and then ends each with DONE
+//! and LOGOUT. Reported: `idling` and `failed`, `ramp_s` and `logins_per_s` (connections that
+//! reached IDLE per second of ramp), for each tree the totals before and after and the growth
+//! per idling connection in KiB, and `closed` (connections that answered DONE and LOGOUT).
+//! Each connection takes a file descriptor here. mailbench cannot raise its limit on open files
+//! itself (`ulimit -n` can, up to the hard limit): when `--conns` would pass the soft limit, it
+//! opens as many as the limit allows (keeping 64 for itself), says so on standard error and
+//! reports `nofile_capped`; a connect that still fails with EMFILE says why.
+//!
 //! # `mailbench fsync DIR`
 //!
 //! ```text
@@ -196,7 +216,7 @@ use tokio::time::Instant;
 #[command(
     name = "mailbench",
     version,
-    about = "Load generator for LMTP, SMTP, submission, IMAP and POP3, and a probe of the disk's fsync rate"
+    about = "Load generator for LMTP, SMTP, submission, IMAP, POP3 and IDLE, and a probe of the disk's fsync rate"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -216,6 +236,8 @@ enum Command {
     Imap(ImapArgs),
     /// Run POP3 sessions that retrieve every message.
     Pop3(Pop3Args),
+    /// Keep many IMAP connections in IDLE and measure the server's memory per connection.
+    Idle(IdleArgs),
     /// Measure create+write+fsync+close of new files, optionally with a directory fsync.
     Fsync(FsyncArgs),
 }
@@ -392,6 +414,7 @@ fn main() -> ExitCode {
         Command::Smtp(args) => smtp_main(args),
         Command::Imap(args) => imap_main(args),
         Command::Pop3(args) => pop3_main(args),
+        Command::Idle(args) => idle_main(args),
         Command::Fsync(args) => fsync_main(&args),
     };
     match result {
@@ -2929,6 +2952,442 @@ fn pop3_data_line(line: &[u8]) -> Option<&[u8]> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// IDLE connections and server memory
+
+#[derive(Args)]
+struct IdleArgs {
+    /// The IMAP server, HOST:PORT.
+    target: String,
+    /// Connections to open and keep in IDLE.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    conns: u64,
+    /// Connections being opened at once.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    ramp: u64,
+    /// A server process whose memory is measured, with all its descendants (repeatable).
+    #[arg(long = "pid", value_name = "PID", value_parser = clap::value_parser!(u32).range(1..))]
+    pids: Vec<u32>,
+    /// SELECT INBOX before IDLE, as a mail client does (default: IDLE right after LOGIN).
+    #[arg(long)]
+    select: bool,
+    #[command(flatten)]
+    login: LoginArgs,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// Descriptors this process needs besides its connections (runtime, stdio, /proc reads).
+const SPARE_FILES: u64 = 64;
+
+fn idle_main(args: IdleArgs) -> anyhow::Result<ExitCode> {
+    let report = runtime()?.block_on(run_idle(&args))?;
+    if args.run.json {
+        print_json(&report)?;
+    } else {
+        report.print_text();
+    }
+    Ok(exit_code(report.idling > 0))
+}
+
+async fn run_idle(args: &IdleArgs) -> anyhow::Result<IdleReport> {
+    check_run_args(&args.run)?;
+    let addr = resolve_target(&args.target, args.run.allow_remote).await?;
+    let accounts = Arc::new(load_accounts(&args.login)?);
+    // mailbench cannot raise RLIMIT_NOFILE itself (no unsafe code here, and neither libc nor
+    // rlimit is a dependency). It opens only as many connections as the soft limit allows,
+    // keeping some descriptors for reading /proc after them, and says how to allow more.
+    let nofile = nofile_limits();
+    let mut conns = args.conns;
+    if let Some((soft, hard)) = nofile
+        && args.conns + SPARE_FILES > soft
+    {
+        conns = soft.saturating_sub(SPARE_FILES);
+        let needed = args.conns + SPARE_FILES;
+        let advice = match hard {
+            Some(hard) if hard < needed => {
+                format!("the hard limit is {hard}: raise it (as root) or ask for fewer connections")
+            }
+            _ => format!("run `ulimit -n {needed}` first"),
+        };
+        eprintln!(
+            "mailbench: warning: --conns {} needs about {needed} open files, but the soft limit \
+             is {soft}; opening {conns}; {advice}",
+            args.conns
+        );
+    }
+    let before = measure_trees(&args.pids).await?;
+
+    let reply_timeout = Duration::from_secs_f64(args.run.reply_timeout);
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(args.run.max_seconds);
+    let open_deadline = deadline + reply_timeout * 4 + CONNECT_TIMEOUT;
+    let ramp = Arc::new(tokio::sync::Semaphore::new(usize::try_from(args.ramp)?));
+    let mut opening = tokio::task::JoinSet::new();
+    let mut started = 0;
+    for k in 0..conns {
+        if Instant::now() >= deadline {
+            break;
+        }
+        let Ok(permit) = Arc::clone(&ramp).acquire_owned().await else {
+            break;
+        };
+        let accounts = Arc::clone(&accounts);
+        let select = args.select;
+        opening.spawn(async move {
+            let _permit = permit;
+            let n = accounts.len() as u64;
+            let Some(account) = usize::try_from(k % n).ok().and_then(|i| accounts.get(i)) else {
+                return Err(Fault::Protocol("no account"));
+            };
+            let open = open_idle(addr, account, reply_timeout, select);
+            tokio::time::timeout_at(open_deadline, open)
+                .await
+                .unwrap_or(Err(Fault::Timeout("open")))
+        });
+        started += 1;
+    }
+    let mut idling = Vec::new();
+    let mut faults = FaultLog::default();
+    while let Some(joined) = opening.join_next().await {
+        match joined {
+            Ok(Ok(conn)) => idling.push(conn),
+            Ok(Err(fault)) => faults.add(&fault),
+            Err(_) => faults.add(&Fault::Protocol("task panicked")),
+        }
+    }
+    let ramp_s = start.elapsed().as_secs_f64();
+    let after = measure_trees(&args.pids).await?;
+    let idle_count = idling.len() as u64;
+
+    // DONE and LOGOUT on every connection, `--ramp` at a time.
+    let mut closing = tokio::task::JoinSet::new();
+    for (conn, tag) in idling {
+        let Ok(permit) = Arc::clone(&ramp).acquire_owned().await else {
+            break;
+        };
+        closing.spawn(async move {
+            let _permit = permit;
+            close_idle(conn, &tag).await
+        });
+    }
+    let mut closed = 0;
+    while let Some(joined) = closing.join_next().await {
+        if matches!(joined, Ok(Ok(()))) {
+            closed += 1;
+        }
+    }
+
+    let trees = before
+        .into_iter()
+        .zip(after)
+        .map(|((pid, before), (_, after))| TreeReport::new(pid, &before, &after, idle_count))
+        .collect();
+    Ok(IdleReport {
+        mode: "idle",
+        target: args.target.clone(),
+        conns_requested: args.conns,
+        ramp: args.ramp,
+        select: args.select,
+        users: accounts.len(),
+        conns_started: started,
+        idling: idle_count,
+        failed: started - idle_count,
+        ramp_s: round3(ramp_s),
+        logins_per_s: round1(idle_count as f64 / ramp_s),
+        trees,
+        closed,
+        nofile_capped: conns < args.conns,
+        stopped_by_time: started < conns,
+        errors: faults.counts,
+        first_error: faults.first,
+        nofile_soft: nofile.map(|(soft, _)| soft),
+        seconds: round3(start.elapsed().as_secs_f64()),
+        client_cpu_s: process_cpu_seconds(),
+    })
+}
+
+/// Connects, logs in, SELECTs INBOX if asked, and sends IDLE (RFC 2177); returns the
+/// connection and IDLE's tag once the server has answered with its `+` continuation.
+async fn open_idle(
+    addr: SocketAddr,
+    account: &Account,
+    reply_timeout: Duration,
+    select: bool,
+) -> Result<(ImapConn, String), Fault> {
+    let mut conn = ImapConn::connect(addr, reply_timeout).await?;
+    conn.login(account).await?;
+    if select {
+        conn.command("SELECT", "SELECT INBOX", |_| Ok(())).await?;
+    }
+    let tag = conn.send("IDLE").await?;
+    loop {
+        let response = conn.read_response().await?;
+        match response.word(0) {
+            Some(b"+") => return Ok((conn, tag)),
+            Some(t) if t == tag.as_bytes() => return Err(response.fault("IDLE")),
+            Some(b"*") if response.word(1) == Some(b"BYE") => return Err(response.fault("IDLE")),
+            Some(b"*") => {}
+            _ => return Err(Fault::Protocol("response with an unknown tag")),
+        }
+    }
+}
+
+/// Ends IDLE with DONE, waits for its tagged reply (and whatever the server reported while
+/// idling), then LOGOUT.
+async fn close_idle(mut conn: ImapConn, tag: &str) -> Result<(), Fault> {
+    conn.write_line("DONE").await?;
+    loop {
+        let response = conn.read_response().await?;
+        match response.word(0) {
+            Some(t) if t == tag.as_bytes() => break,
+            Some(b"*") if response.word(1) == Some(b"BYE") => return Err(response.fault("DONE")),
+            _ => {}
+        }
+    }
+    conn.logout().await
+}
+
+#[derive(Serialize)]
+struct IdleReport {
+    mode: &'static str,
+    target: String,
+    conns_requested: u64,
+    ramp: u64,
+    select: bool,
+    users: usize,
+    /// Connections attempted before `--max-seconds`.
+    conns_started: u64,
+    /// Connections that reached IDLE.
+    idling: u64,
+    failed: u64,
+    /// From the first connect until the last connection was idling (or had failed).
+    ramp_s: f64,
+    logins_per_s: f64,
+    trees: Vec<TreeReport>,
+    /// Connections that answered DONE and LOGOUT at the end.
+    closed: u64,
+    /// True when the limit on open files allowed fewer connections than `--conns`.
+    nofile_capped: bool,
+    stopped_by_time: bool,
+    errors: BTreeMap<String, u64>,
+    first_error: Option<String>,
+    /// This process's soft limit on open files.
+    nofile_soft: Option<u64>,
+    seconds: f64,
+    client_cpu_s: Option<f64>,
+}
+
+impl IdleReport {
+    fn print_text(&self) {
+        println!(
+            "idle {}: {} connections, {} at a time, {}{} users",
+            self.target,
+            self.conns_requested,
+            self.ramp,
+            if self.select { "SELECT INBOX, " } else { "" },
+            self.users
+        );
+        println!(
+            "idling     {} of {} started, {} failed{}{}",
+            self.idling,
+            self.conns_started,
+            self.failed,
+            if self.nofile_capped {
+                "; fewer connections: the open files limit"
+            } else {
+                ""
+            },
+            if self.stopped_by_time {
+                "; stopped by --max-seconds"
+            } else {
+                ""
+            }
+        );
+        println!(
+            "ramp       {} s, {} logins/s",
+            self.ramp_s, self.logins_per_s
+        );
+        for t in &self.trees {
+            println!(
+                "pid {:<6} {} → {} processes; RSS {} → {} KiB ({} KiB/conn); PSS {} → {} KiB \
+                 ({} KiB/conn)",
+                t.pid,
+                t.processes_before,
+                t.processes_after,
+                t.rss_kib_before,
+                t.rss_kib_after,
+                fmt_opt(t.rss_kib_per_conn),
+                fmt_opt(t.pss_kib_before.map(|v| v as f64)),
+                fmt_opt(t.pss_kib_after.map(|v| v as f64)),
+                fmt_opt(t.pss_kib_per_conn)
+            );
+        }
+        println!("closed     {} (DONE and LOGOUT answered)", self.closed);
+        print_errors(&self.errors, self.first_error.as_deref());
+        println!(
+            "wall       {} s; client CPU {} s; open files limit {}",
+            self.seconds,
+            fmt_opt(self.client_cpu_s),
+            fmt_opt(self.nofile_soft.map(|v| v as f64))
+        );
+    }
+}
+
+/// One server process tree before and after the connections.
+#[derive(Serialize)]
+struct TreeReport {
+    pid: u32,
+    processes_before: u64,
+    processes_after: u64,
+    rss_kib_before: u64,
+    rss_kib_after: u64,
+    /// Growth divided by the connections idling.
+    rss_kib_per_conn: Option<f64>,
+    /// `None` when some process's smaps_rollup could not be read.
+    pss_kib_before: Option<u64>,
+    pss_kib_after: Option<u64>,
+    pss_kib_per_conn: Option<f64>,
+}
+
+impl TreeReport {
+    fn new(pid: u32, before: &TreeUsage, after: &TreeUsage, conns: u64) -> Self {
+        let per_conn =
+            |b: u64, a: u64| (conns > 0).then(|| round1((a as f64 - b as f64) / conns as f64));
+        Self {
+            pid,
+            processes_before: before.processes,
+            processes_after: after.processes,
+            rss_kib_before: before.rss_kib,
+            rss_kib_after: after.rss_kib,
+            rss_kib_per_conn: per_conn(before.rss_kib, after.rss_kib),
+            pss_kib_before: before.pss_kib,
+            pss_kib_after: after.pss_kib,
+            pss_kib_per_conn: before
+                .pss_kib
+                .zip(after.pss_kib)
+                .and_then(|(b, a)| per_conn(b, a)),
+        }
+    }
+}
+
+/// The memory of a process and all its descendants, in KiB.
+#[derive(Debug)]
+struct TreeUsage {
+    processes: u64,
+    /// Sum of `VmRSS` (`/proc/PID/status`): pages shared between the processes count once
+    /// per process.
+    rss_kib: u64,
+    /// Sum of `Pss` (`/proc/PID/smaps_rollup`): shared pages divided among their users.
+    pss_kib: Option<u64>,
+}
+
+async fn measure_trees(pids: &[u32]) -> anyhow::Result<Vec<(u32, TreeUsage)>> {
+    let pids = pids.to_vec();
+    tokio::task::spawn_blocking(move || {
+        pids.into_iter()
+            .map(|pid| {
+                measure_tree(pid)
+                    .with_context(|| format!("--pid {pid}"))
+                    .map(|usage| (pid, usage))
+            })
+            .collect()
+    })
+    .await
+    .context("the measuring thread failed")?
+}
+
+/// Sums the memory of `root` and its descendants (Linux `/proc`; the tree is found by the
+/// parent pid in each `/proc/PID/stat`).
+fn measure_tree(root: u32) -> anyhow::Result<TreeUsage> {
+    let status = fs::read_to_string(format!("/proc/{root}/status"))
+        .with_context(|| format!("cannot read /proc/{root}/status"))?;
+    let mut parents = Vec::new();
+    for entry in fs::read_dir("/proc").context("cannot read /proc")? {
+        let Some(pid) = entry?
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // A process may end between readdir and read.
+        if let Some(ppid) = fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| parse_ppid(&stat))
+        {
+            parents.push((pid, ppid));
+        }
+    }
+    let tree = descendants(root, &parents);
+    let mut usage = TreeUsage {
+        processes: 0,
+        rss_kib: 0,
+        pss_kib: Some(0),
+    };
+    for pid in tree {
+        let status = if pid == root {
+            Some(status.clone())
+        } else {
+            fs::read_to_string(format!("/proc/{pid}/status")).ok()
+        };
+        let Some(status) = status else {
+            continue;
+        };
+        usage.processes += 1;
+        // Kernel threads have no VmRSS.
+        usage.rss_kib += kib_field(&status, "VmRSS:").unwrap_or(0);
+        let pss = fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+            .ok()
+            .and_then(|rollup| kib_field(&rollup, "Pss:"));
+        usage.pss_kib = usage.pss_kib.zip(pss).map(|(sum, pss)| sum + pss);
+    }
+    Ok(usage)
+}
+
+/// `root` and every process below it, from (pid, parent pid) pairs.
+fn descendants(root: u32, parents: &[(u32, u32)]) -> Vec<u32> {
+    let mut tree = vec![root];
+    let mut i = 0;
+    while let Some(&pid) = tree.get(i) {
+        for &(child, parent) in parents {
+            if parent == pid && !tree.contains(&child) {
+                tree.push(child);
+            }
+        }
+        i += 1;
+    }
+    tree
+}
+
+/// The parent pid in `/proc/PID/stat` (proc(5): the fourth field, after the command name,
+/// which may hold spaces and parentheses).
+fn parse_ppid(stat: &str) -> Option<u32> {
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// `VmRSS:   1234 kB` → 1234, for the line that starts with `name`.
+fn kib_field(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// This process's soft and hard limits on open files (`/proc/self/limits`); `None` for the
+/// hard limit means unlimited.
+fn nofile_limits() -> Option<(u64, Option<u64>)> {
+    let limits = fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    let mut fields = line.strip_prefix("Max open files")?.split_whitespace();
+    let soft = fields.next()?.parse().ok()?;
+    let hard = fields.next()?.parse().ok();
+    Some((soft, hard))
+}
+
+// ---------------------------------------------------------------------------------------------
 // fsync probe
 
 fn fsync_main(args: &FsyncArgs) -> anyhow::Result<ExitCode> {
@@ -3909,7 +4368,7 @@ mod tests {
         }
     }
 
-    // --- fake servers for the IMAP and POP3 modes
+    // --- fake servers for the IMAP, POP3 and IDLE modes
 
     /// The messages of every fake mailbox: the first goes as a literal holding what looks
     /// like responses, the second as a quoted string with escapes.
@@ -4087,5 +4546,62 @@ mod tests {
         assert_eq!(report.errors, BTreeMap::new(), "{:?}", report.first_error);
         assert_eq!((report.sessions_ok, report.messages_fetched), (4, 8));
         assert_eq!(report.bytes_fetched, 4 * (20 + 6));
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_opened_measured_and_closed() {
+        let target = fake_server(|l| Box::pin(fake_imap(l))).await;
+        let pid = std::process::id().to_string();
+        let cli = Cli::try_parse_from([
+            "mailbench",
+            "idle",
+            &target,
+            "--conns",
+            "7",
+            "--ramp",
+            "3",
+            "--pid",
+            &pid,
+            "--select",
+            "--user-count",
+            "3",
+        ])
+        .unwrap();
+        let Command::Idle(args) = cli.command else {
+            panic!("not idle");
+        };
+        let report = run_idle(&args).await.unwrap();
+        assert_eq!(report.errors, BTreeMap::new(), "{:?}", report.first_error);
+        assert_eq!((report.idling, report.failed, report.closed), (7, 0, 7));
+        let [tree] = report.trees.as_slice() else {
+            panic!("one tree");
+        };
+        assert!(tree.processes_before >= 1 && tree.rss_kib_after > 0);
+        assert!(tree.rss_kib_per_conn.is_some());
+    }
+
+    // --- /proc
+
+    #[test]
+    fn proc_fields_parse() {
+        let stat = "1234 (a (weird) name) S 77 1234 1234 0 -1 4194560 1 0";
+        assert_eq!(parse_ppid(stat), Some(77));
+        assert_eq!(parse_ppid("garbage"), None);
+        let status = "Name:\tx\nVmHWM:\t  900 kB\nVmRSS:\t  812 kB\nRssAnon:\t 1 kB\n";
+        assert_eq!(kib_field(status, "VmRSS:"), Some(812));
+        let rollup = "Rss:   10 kB\nPss:   7 kB\nPss_Anon:   3 kB\n";
+        assert_eq!(kib_field(rollup, "Pss:"), Some(7));
+        assert_eq!(kib_field(rollup, "Swap:"), None);
+        let tree = descendants(1, &[(2, 1), (3, 2), (4, 9), (5, 1), (1, 0)]);
+        assert_eq!(tree, [1, 2, 5, 3]);
+    }
+
+    #[test]
+    fn own_process_tree_is_measured() {
+        let usage = measure_tree(std::process::id()).unwrap();
+        assert!(usage.processes >= 1);
+        assert!(usage.rss_kib > 0);
+        assert!(measure_tree(u32::MAX).is_err());
+        assert!(nofile_limits().is_some_and(|(soft, _)| soft > 0));
     }
 }
