@@ -9,6 +9,7 @@ mod filer;
 mod filter;
 mod mailctl;
 mod migrate;
+mod multihost;
 mod observe;
 mod relay;
 mod spool;
