@@ -1824,12 +1824,29 @@ struct LoginArgs {
     /// every account has this password. Printable ASCII.
     #[arg(long, default_value = "pw-user%04d")]
     pass_fmt: String,
+    /// Log in as each user with a master (proxy) login instead of the user's password:
+    /// `NAME:SECRET`, sent as SASL PLAIN with authzid = the user, authcid = NAME (IMAP
+    /// `AUTHENTICATE PLAIN`, POP3 `AUTH PLAIN`). How a proxy logs in to a backend: our filers'
+    /// trusted login, Dovecot's master user. The environment is safer than the command line.
+    #[arg(long, env = "MAILBENCH_MASTER", hide_env_values = true)]
+    master: Option<String>,
 }
 
 /// One account to log in as.
 struct Account {
     user: String,
     pass: String,
+    /// `NAME\0SECRET` of a master login (see `--master`).
+    master: Option<(String, String)>,
+}
+
+impl Account {
+    /// The SASL PLAIN initial response of a master login, if this is one.
+    fn master_plain(&self) -> Option<String> {
+        self.master
+            .as_ref()
+            .map(|(name, secret)| base64(format!("{}\0{name}\0{secret}", self.user).as_bytes()))
+    }
 }
 
 /// Warm-up round trips of `imap --noop`, not measured.
@@ -1910,7 +1927,11 @@ fn load_accounts(args: &LoginArgs) -> anyhow::Result<Vec<Account>> {
                     expand_fmt(&args.pass_fmt, n, "--pass-fmt", false)?,
                 ),
             };
-            accounts.push(Account { user, pass });
+            accounts.push(Account {
+                user,
+                pass,
+                master: None,
+            });
         }
         accounts
     } else {
@@ -1923,11 +1944,19 @@ fn load_accounts(args: &LoginArgs) -> anyhow::Result<Vec<Account>> {
                 Ok(Account {
                     user: expand_fmt(&args.user_fmt, n, "--user-fmt", true)?,
                     pass: expand_fmt(&args.pass_fmt, n, "--pass-fmt", false)?,
+                    master: None,
                 })
             })
             .collect::<anyhow::Result<Vec<_>>>()?
     };
     ensure!(!accounts.is_empty(), "no accounts");
+    let mut accounts = accounts;
+    if let Some(m) = &args.master {
+        let (name, secret) = m.split_once(':').context("--master must be NAME:SECRET")?;
+        for a in &mut accounts {
+            a.master = Some((name.to_owned(), secret.to_owned()));
+        }
+    }
     for account in &accounts {
         ensure!(
             !account.user.is_empty() && account.user.bytes().all(|b| b.is_ascii_graphic()),
@@ -2416,6 +2445,10 @@ impl ImapConn {
     }
 
     async fn login(&mut self, account: &Account) -> Result<(), Fault> {
+        if let Some(ir) = account.master_plain() {
+            let command = format!("AUTHENTICATE PLAIN {ir}");
+            return self.command("AUTHENTICATE", &command, |_| Ok(())).await;
+        }
         let command = format!(
             "LOGIN {} {}",
             imap_quoted(&account.user),
@@ -2811,10 +2844,14 @@ async fn pop3_session(plan: &SessionPlan, account: &Account) -> Result<Fetched, 
     let (reader, writer) = connect_tcp(plan.addr).await?;
     let mut conn = Pop3Conn::new(reader, writer, plan.reply_timeout);
     conn.read_status("greeting").await?;
-    conn.command("USER", &format!("USER {}", account.user))
-        .await?;
-    conn.command("PASS", &format!("PASS {}", account.pass))
-        .await?;
+    if let Some(ir) = account.master_plain() {
+        conn.command("AUTH", &format!("AUTH PLAIN {ir}")).await?;
+    } else {
+        conn.command("USER", &format!("USER {}", account.user))
+            .await?;
+        conn.command("PASS", &format!("PASS {}", account.pass))
+            .await?;
+    }
     let stat = conn.command("STAT", "STAT").await?;
     // `+OK nn mm`: messages and octets.
     let count = stat
@@ -4096,7 +4133,23 @@ mod tests {
             user_count: 3,
             user_first: 1,
             pass_fmt: "pw-user%04d".to_owned(),
+            master: None,
         }
+    }
+
+    #[test]
+    fn a_master_login_is_sasl_plain_for_the_user() {
+        let mut args = login_args();
+        assert!(load_accounts(&args).unwrap()[0].master_plain().is_none());
+        args.master = Some("proxy:se:cret".to_owned());
+        let a = load_accounts(&args).unwrap();
+        // "user0001@example.test\0proxy\0se:cret"
+        assert_eq!(
+            a[0].master_plain().unwrap(),
+            base64(b"user0001@example.test\0proxy\0se:cret")
+        );
+        args.master = Some("no-colon".to_owned());
+        assert!(load_accounts(&args).is_err());
     }
 
     fn run_args() -> RunArgs {
