@@ -178,7 +178,10 @@ where
             async move {
                 let _permit = permit;
                 let _active = active;
+                let started = tokio::time::Instant::now();
                 fut.await;
+                // One line per session, in its span (protocol, connection, peer, user).
+                tracing::info!(ms = started.elapsed().as_millis() as u64, "session ended");
             }
             .instrument(span),
         );

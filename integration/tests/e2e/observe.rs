@@ -228,6 +228,94 @@ async fn metrics_move_and_a_trace_follows_the_message_hop_by_hop() {
     assert_eq!(unknown.status.code(), Some(1));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_have_a_line_per_session_and_per_message_step_and_no_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cfg = EPHEMERAL_CONFIG.to_owned();
+    std::fs::write(d.join("mail.toml"), cfg).unwrap();
+    ok(
+        d,
+        &["-c", "mail.toml", "domain", "add", "example.test"],
+        None,
+    );
+    let password = "Tr0ub4dor-and-3";
+    ok(
+        d,
+        &[
+            "-c",
+            "mail.toml",
+            "user",
+            "add",
+            "alice@example.test",
+            "--filer",
+            "filer1",
+        ],
+        Some(&format!("{password}\n")),
+    );
+    let log = d.join("log.jsonl");
+    let up = Up::start_logging_json(d, "mail.toml", &log);
+    send(
+        up.addr("spool", "smtp"),
+        "alice@example.test",
+        "json-1@client.test",
+    )
+    .await;
+    wait_for_maildir(&d.join("data/filers/filer1"), "alice@example.test", 1);
+    // A wrong password and the right one, through the proxy.
+    bad_login(up.addr("access", "imap")).await;
+    let s = tokio::net::TcpStream::connect(up.addr("access", "imap"))
+        .await
+        .unwrap();
+    let (r, mut w) = s.into_split();
+    let mut r = BufReader::new(r);
+    let mut line = String::new();
+    r.read_line(&mut line).await.unwrap();
+    w.write_all(format!("a LOGIN alice@example.test {password}\r\nb LOGOUT\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut rest = String::new();
+    r.read_to_string(&mut rest).await.unwrap();
+    assert!(rest.contains("a OK"), "{rest}");
+    // The lines arrive as they are written; wait (with a deadline) for the last session's.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap();
+        if text.matches("session ended").count() >= 4 {
+            break text;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await; // polling interval
+    };
+    drop(up);
+    let mut steps = Vec::new();
+    for line in text.lines().filter(|l| !l.starts_with("mailctl up:")) {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(
+            v["timestamp"].is_string() && v["level"].is_string(),
+            "{line}"
+        );
+        if v["target"] == "mail::trace" {
+            steps.push(format!(
+                "{} {}",
+                v["fields"]["service"].as_str().unwrap(),
+                v["fields"]["event"].as_str().unwrap()
+            ));
+        }
+    }
+    // Logged as each step ends: the spool logs its delivery after the filer's answer.
+    steps.sort();
+    assert_eq!(
+        steps,
+        ["filer1 stored", "spool delivered", "spool received"],
+        "{text}"
+    );
+    assert!(text.contains("\"session ended\""), "{text}");
+    assert!(!text.contains(password), "a password in the log: {text}");
+    assert!(!text.contains("wrong"), "a password in the log: {text}");
+}
+
 /// Debian's Chromium, when installed; `MAILPLATFORM_REQUIRE_CHROMIUM` (CI) makes its absence
 /// a failure.
 fn chromium() -> Option<&'static str> {

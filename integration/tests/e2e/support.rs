@@ -53,18 +53,24 @@ impl Up {
     /// Starts `mailctl -c CONFIG up` and waits (with a deadline) until `status` reports it running
     /// with every listener reachable.
     pub(crate) fn start(dir: &Path, config: &str) -> Self {
-        Self::start_with_log(dir, config, None)
+        Self::start_with_log(dir, config, None, false)
     }
 
     /// Like [`Up::start`], with the platform's log (`info` and up, no colours) written to `log`.
     pub(crate) fn start_logging(dir: &Path, config: &str, log: &Path) -> Self {
-        Self::start_with_log(dir, config, Some(log))
+        Self::start_with_log(dir, config, Some(log), false)
     }
 
-    fn start_with_log(dir: &Path, config: &str, log: Option<&Path>) -> Self {
+    /// Like [`Up::start_logging`], with `up --log-json`.
+    pub(crate) fn start_logging_json(dir: &Path, config: &str, log: &Path) -> Self {
+        Self::start_with_log(dir, config, Some(log), true)
+    }
+
+    fn start_with_log(dir: &Path, config: &str, log: Option<&Path>, json: bool) -> Self {
         let mut command = Command::new(env!("CARGO_BIN_EXE_mailctl"));
         command
             .args(["-c", config, "up"])
+            .args(json.then_some("--log-json"))
             .current_dir(dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null());
