@@ -15,10 +15,10 @@ use crate::Access;
 use crate::backend::{self, Backend, BackendError, Login, Protocol};
 use crate::health::Admission;
 
-/// Buffer size of each direction of the copy, allocated per logged-in connection: large enough
-/// that a FETCH of a big body moves in few syscalls, small enough for thousands of idle
-/// connections (2 x 32 KiB each).
-const COPY_BUFFER: usize = 32 * 1024;
+/// Buffer size of each direction of the copy, allocated per logged-in connection: small, for
+/// thousands of idle connections (2 x 8 KiB each; with 32 KiB a proxied IDLE connection cost
+/// ~90 KiB instead of ~40, see bench/RESULTS.md). A big FETCH moves in 8 KiB reads.
+const COPY_BUFFER: usize = 8 * 1024;
 
 /// Why the user cannot be served now; the client gets the protocol's temporary failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
