@@ -24,7 +24,9 @@ fn the_platform_spread_over_test_hosts_delivers_holds_and_migrates() {
         return;
     }
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/multihost/run.sh");
-    let out = Command::new("bash")
+    // Bounded: the script cleans up (its EXIT trap) when the timeout's TERM arrives.
+    let out = Command::new("timeout")
+        .args(["300", "bash"])
         .arg(script)
         .arg(env!("CARGO_BIN_EXE_mailctl"))
         .output()

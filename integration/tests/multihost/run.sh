@@ -30,7 +30,15 @@ log() { echo "$(date -u +%T.%N | cut -c1-12) $*" >&2; }
 cleanup() {
   local rc=$?
   for p in "${PIDS[@]+"${PIDS[@]}"}"; do kill "$p" 2>/dev/null || true; done
+  # Whatever else runs in a test host (a child of what was started) goes too.
+  for h in "${!IP[@]}"; do
+    ip netns pids "$P-$h" 2>/dev/null | xargs -r kill 2>/dev/null || true
+  done
   for p in "${PIDS[@]+"${PIDS[@]}"}"; do wait "$p" 2>/dev/null || true; done
+  for h in "${!IP[@]}"; do
+    for _ in $(seq 50); do [ -z "$(ip netns pids "$P-$h" 2>/dev/null)" ] && break; sleep 0.1; done
+    ip netns pids "$P-$h" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
+  done
   for h in "${!IP[@]}" sw; do ip netns del "$P-$h" 2>/dev/null || true; done
   if [ $rc -ne 0 ]; then
     for f in "$WORK"/*.log; do echo "== $f" >&2; tail -n 25 "$f" >&2; done
@@ -39,6 +47,7 @@ cleanup() {
   exit $rc
 }
 trap cleanup EXIT
+trap "exit 143" TERM INT
 on() { local h=$1; shift; ip netns exec "$P-$h" "$@"; }
 wait_port() {  # host ip port: a bounded wait for a listener, from inside that host
   for _ in $(seq 300); do
@@ -68,9 +77,15 @@ mkdir -p "$WORK/pg" "$WORK/pgsock"
 chown postgres "$WORK/pg" "$WORK/pgsock"
 runuser -u postgres -- "$PGBIN/initdb" -D "$WORK/pg" -A trust -U postgres >"$WORK/initdb.log" 2>&1
 echo "host all all 192.0.2.0/24 trust" >> "$WORK/pg/pg_hba.conf"
-on db runuser -u postgres -- "$PGBIN/postgres" -D "$WORK/pg" -c listen_addresses=192.0.2.10 \
-  -c port=5432 -k "$WORK/pgsock" >"$WORK/db.log" 2>&1 &
-PIDS+=($!)
+# `ip netns exec` and `setpriv` exec what they run: $! is postgres itself.
+start_db() {
+  ip netns exec "$P-db" setpriv --reuid=postgres --regid=postgres --init-groups \
+    "$PGBIN/postgres" -D "$WORK/pg" -c listen_addresses=192.0.2.10 -c port=5432 \
+    -k "$WORK/pgsock" >>"$WORK/db.log" 2>&1 &
+  PG_PID=$!
+}
+start_db
+PIDS+=("$PG_PID")
 wait_port db 192.0.2.10 5432
 for _ in $(seq 100); do
   on db runuser -u postgres -- "$PGBIN/psql" -h 192.0.2.10 -U postgres -qc 'CREATE DATABASE mail' \
@@ -156,7 +171,8 @@ done
 up() {  # host port...
   local h=$1; shift
   mkdir -p "$WORK/$h"
-  on "$h" env RUST_LOG=info "$MAILCTL" -c "$WORK/$h.toml" up >"$WORK/$h.log" 2>&1 &
+  # Not through `on`: a function in the background is a subshell, and $! would be its pid.
+  ip netns exec "$P-$h" env RUST_LOG=info "$MAILCTL" -c "$WORK/$h.toml" up >"$WORK/$h.log" 2>&1 &
   PIDS+=($!)
   for p in "$@"; do wait_port "$h" "192.0.2.${IP[$h]}" "$p"; done
 }
@@ -228,6 +244,16 @@ if cmd == "send":
 elif cmd == "expect":
     proxy, user = sys.argv[2:4]
     wait_for(proxy, user, sys.argv[4:])
+elif cmd == "tempfail":
+    spool, to = sys.argv[2:4]
+    try:
+        send(spool, to, "while-the-database-is-down")
+        sys.exit(f"{to}: accepted while the location database is down")
+    except smtplib.SMTPRecipientsRefused as e:
+        code, text = e.recipients[to]
+        if not 400 <= code < 500:
+            sys.exit(f"{to}: not a temporary refusal: {code} {text}")
+        print(f"{to}: {code} {text.decode()}")
 elif cmd == "unavailable":
     proxy, user = sys.argv[2:4]
     m = imaplib.IMAP4(proxy, 1143, timeout=10)
@@ -303,4 +329,22 @@ C expect $A2 a1@example.test "${want[@]}"
 where=$(M filer1 user list --json | python3 -c 'import json,sys; print([u["filer"] for u in json.load(sys.stdin) if u["address"] == "a1@example.test"][0])')
 [ "$where" = filer2 ] || { echo "a1 is on $where after the migration" >&2; exit 1; }
 log "step 3: a1 moved filer1 -> filer2 while 20 messages arrived; all 21 are there"
+
+# --- 4. the location database down: every answer is temporary, nothing bounces
+kill -INT "$PG_PID"   # fast shutdown
+wait "$PG_PID" 2>/dev/null || true
+C tempfail $S1 b2@example.test
+C tempfail $S2 a3@example.test
+C unavailable $A1 b2@example.test
+[ "$(held spool1)$(held spool2)" = 00 ] || { echo "something was queued while the database was down" >&2; exit 1; }
+log "step 4: the database down: RCPT and logins get temporary answers, nothing is queued or bounced"
+start_db
+PIDS+=("$PG_PID")
+wait_port db 192.0.2.10 5432
+for _ in $(seq 150); do
+  C send $S2 b2@example.test after-db 2>/dev/null && break
+  sleep 0.2
+done
+C expect $A2 b2@example.test one-b2 after-db
+log "step 4: the database back: mail flows again"
 echo "multihost: ok"
