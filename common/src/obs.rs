@@ -12,7 +12,8 @@
 //! - `mail_delivery_seconds` (histogram): one delivery attempt to the next hop
 //! - `mail_fsync_seconds` (histogram): a durable write (queue entry, Maildir file)
 //! - `mail_queue_messages{queue}`, `mail_queue_oldest_seconds{queue}` (gauges, at scrape)
-//! - `mail_filer_up{filer}` (gauge): a filer's health as this service sees it
+//! - `mail_filer_up{filer}` (gauge): a filer's health as this service sees it (the proxy's
+//!   circuit breaker; the spool's last connection to it)
 
 use std::collections::VecDeque;
 use std::sync::{LazyLock, Mutex, PoisonError};

@@ -210,9 +210,13 @@ async fn send(
     client_settings.command_timeout = settings.lmtp_timeout;
     client_settings.data_timeout = settings.lmtp_timeout;
     let mut client = match Client::connect(lmtp, &client_settings).await {
-        Ok(c) => c,
+        Ok(c) => {
+            common::obs::filer_health("spool", filer, true);
+            c
+        }
         Err(e) => {
             tracing::warn!(filer, error = %e, "filer unreachable");
+            common::obs::filer_health("spool", filer, false);
             return vec![held(format!("filer {filer} unreachable: {e}")); paths.len()];
         }
     };

@@ -167,6 +167,15 @@ async fn metrics_move_and_a_trace_follows_the_message_hop_by_hop() {
         sample(&after, "mail_queue_messages", &[("queue", "spool")]),
         0.0
     );
+    // The spool reached filer1: its view of the filer's health.
+    assert_eq!(
+        sample(
+            &after,
+            "mail_filer_up",
+            &[("service", "spool"), ("filer", "filer1")]
+        ),
+        1.0
+    );
     assert_eq!(
         sample(&after, "mail_filer_mailboxes", &[("filer", "filer1")]),
         1.0
